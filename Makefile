@@ -1,0 +1,122 @@
+# shmserve build entry points. Run `make help` for the list.
+#
+# Python comes from a local 3.12 interpreter (uv may not download one here),
+# uv from a pinned wheel in .tools/, everything else from uv.lock.
+
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+.DELETE_ON_ERROR:
+
+UV_VERSION := 0.13.9
+GO ?= go
+
+# Resolved once, to the real binary rather than a pyenv shim: a shim only works
+# in directories whose .python-version selects 3.12, and uv records the path.
+# Override with `make PYTHON=/path/to/python3.12`.
+ifeq ($(origin PYTHON),undefined)
+PYTHON := $(shell for c in python3.12 $(HOME)/.pyenv/versions/3.12*/bin/python3.12; do \
+	"$$c" -c 'import sys; assert sys.version_info[:2] == (3, 12); print(sys.executable)' 2>/dev/null && break; \
+	done; true)
+endif
+
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+# Versioned stamp so bumping UV_VERSION reinstalls uv.
+UV_STAMP := $(TOOLS)/.uv-$(UV_VERSION)
+
+VENV := .venv
+VENV_ALL := $(VENV)/.synced-all
+VENV_SERVE := $(VENV)/.synced-serve
+
+# Never let uv fetch an interpreter (no route to its download host) or pick a
+# different one than the Makefile validated.
+ifneq ($(PYTHON),)
+export UV_PYTHON := $(PYTHON)
+endif
+export UV_PYTHON_DOWNLOADS := never
+# Trust the OS CA bundle like pip and git do; uv's bundled roots alone fail
+# behind a TLS-inspecting registry proxy whenever SSL_CERT_FILE is not set.
+export UV_SYSTEM_CERTS ?= 1
+export UV_PROJECT_ENVIRONMENT := $(CURDIR)/$(VENV)
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export PIP_NO_INPUT := 1
+
+# The Go tests spawn the sidecar themselves and need to know which one.
+export SHMSERVE_PYTHON := $(CURDIR)/$(VENV)/bin/python
+export SHMSERVE_BIN := $(CURDIR)/$(VENV)/bin/shmserve
+# posix semaphores are reached through cgo; a CGO_ENABLED=0 in the caller's
+# environment would otherwise silently exclude those files from the build.
+export CGO_ENABLED := 1
+
+.PHONY: help
+help:
+	@echo "make venv        .venv with every extra and group (what 'make test' uses)"
+	@echo "make venv-serve  .venv with only core + serve + http (fast; enough for the demo)"
+	@echo "make test        go tests in goclient/ and pytest tests/ against .venv"
+	@echo "make lock        re-resolve uv.lock after editing pyproject.toml"
+	@echo "make versions    print the toolchain this Makefile will use"
+	@echo "make clean       remove .venv, .tools and caches"
+	@echo "PYTHON=$(or $(PYTHON),<none found>)"
+
+.PHONY: check-python
+check-python:
+	@if [ -z "$(PYTHON)" ]; then \
+		echo "error: no Python 3.12 found (tried python3.12 on PATH and $(HOME)/.pyenv/versions/3.12*/bin/python3.12)." >&2; \
+		echo "       Install one, or run: make PYTHON=/path/to/python3.12 ..." >&2; \
+		exit 1; \
+	fi
+
+# uv comes from PyPI like any package, so a fresh machine needs only python.
+$(UV_STAMP): | check-python
+	rm -rf $(TOOLS)
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install -q uv==$(UV_VERSION)
+	touch $@
+
+.PHONY: uv
+uv: $(UV_STAMP)
+
+# --locked, not --frozen: a pyproject.toml edited without `make lock` fails
+# here with uv's "lockfile needs to be updated" instead of installing something
+# other than what the lock says.
+$(VENV_ALL): pyproject.toml uv.lock $(UV_STAMP)
+	$(UV) sync --locked --all-extras --all-groups || { echo "hint: if uv.lock is stale, run 'make lock' and commit it" >&2; exit 1; }
+	touch $@
+
+# --inexact: keep whatever a full `make venv` already installed, so switching
+# between the two targets never uninstalls TensorFlow/JAX only to reinstall it.
+$(VENV_SERVE): pyproject.toml uv.lock $(UV_STAMP)
+	$(UV) sync --locked --inexact --extra serve --extra http || { echo "hint: if uv.lock is stale, run 'make lock' and commit it" >&2; exit 1; }
+	touch $@
+
+.PHONY: venv venv-serve
+venv: $(VENV_ALL)
+venv-serve: $(VENV_SERVE)
+
+.PHONY: lock
+lock: $(UV_STAMP)
+	$(UV) lock
+
+.PHONY: versions
+versions: $(UV_STAMP)
+	@echo "python: $(PYTHON) ($$($(PYTHON) --version 2>&1))"
+	@echo "uv:     $$($(UV) --version)"
+	@echo "go:     $$($(GO) version)"
+	@echo "gcc:    $$(gcc --version | head -n1)"
+	@echo "make:   $$($(MAKE) --version | head -n1)"
+
+.PHONY: test test-go test-py
+test: test-go test-py
+
+test-go: $(VENV_ALL)
+	cd goclient && $(GO) test -count=1 ./...
+
+# pytest's exit 5 ("no tests collected") is left as a failure on purpose.
+test-py: $(VENV_ALL)
+	$(VENV)/bin/pytest -q tests/
+
+.PHONY: clean
+clean:
+	rm -rf $(VENV) $(TOOLS) .pytest_cache .hypothesis dist build
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

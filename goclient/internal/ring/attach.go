@@ -1,0 +1,322 @@
+package ring
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"regexp"
+	"runtime"
+	"sync/atomic"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/shmserve/shmserve/goclient/internal/posixsem"
+)
+
+// ErrServerGone reports that no live server serves the ring: it stopped, it
+// died, or a new server replaced it. A later Attach finds the new one.
+var ErrServerGone = errors.New("shmserve: server gone")
+
+// Config tunes how a Ring waits.
+type Config struct {
+	// Spin is how long a wait for a reply frame polls before it blocks on the
+	// semaphore; 0 blocks at once.
+	Spin time.Duration
+	// LivenessInterval bounds every blocking wait: a blocked caller checks
+	// that the server lives at least this often (spec section 10: 50 ms).
+	LivenessInterval time.Duration
+	// MaxSpinners caps how many goroutines of this process spin at once.
+	MaxSpinners int
+}
+
+// DefaultConfig spins 50 µs: long enough to catch an echo or any reply the
+// server has ready (2-5 µs here, ring-measurements.md), short enough that a
+// request waiting on a model (milliseconds) wastes little CPU before it
+// blocks. Only NumCPU-1 goroutines spin at once, leaving a CPU to the server
+// on small hosts.
+func DefaultConfig() Config {
+	return Config{
+		Spin:             50 * time.Microsecond,
+		LivenessInterval: 50 * time.Millisecond,
+		MaxSpinners:      max(1, runtime.NumCPU()-1),
+	}
+}
+
+// attachPollInterval paces Attach while the server creates the ring or
+// loads its model (seconds): polling is cheap next to that, and the server
+// posts nothing a client could wait on before READY.
+const attachPollInterval = 5 * time.Millisecond
+
+var ringNamePattern = regexp.MustCompile(`^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$`)
+
+// CheckName validates a ring name against section 6.
+func CheckName(name string) error {
+	if !ringNamePattern.MatchString(name) {
+		return fmt.Errorf("ring name %q must be 1-64 characters of [A-Za-z0-9_.-], not starting with '.'", name)
+	}
+	return nil
+}
+
+// errNotCreatedYet marks a ring whose server is still creating it (no size
+// or no magic yet): Attach tries again.
+var errNotCreatedYet = errors.New("ring not created yet")
+
+// Attach maps the ring NAME and waits, bounded by ctx, until its server is
+// READY (spec section 11). It fails at once with ErrServerGone when no live
+// server serves NAME.
+func Attach(ctx context.Context, name string, cfg Config) (*Ring, error) {
+	if err := CheckName(name); err != nil {
+		return nil, err
+	}
+	for {
+		r, err := mapRing(name, cfg)
+		if err == nil {
+			if err = r.awaitReady(ctx); err == nil {
+				return r, nil
+			}
+			r.Close()
+			return nil, err
+		}
+		if !errors.Is(err, errNotCreatedYet) {
+			return nil, err
+		}
+		if err := sleepCtx(ctx, attachPollInterval); err != nil {
+			return nil, fmt.Errorf("attach ring %s: %w", name, err)
+		}
+	}
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) error {
+	timer := time.NewTimer(d)
+	defer timer.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-timer.C:
+		return nil
+	}
+}
+
+// mapRing opens, maps and validates the shared memory, then opens the
+// semaphores and the liveness lock. The mapping is sized from the object
+// itself and checked against the header, so a corrupt header cannot make the
+// client read outside it.
+func mapRing(name string, cfg Config) (*Ring, error) {
+	fd, err := unix.Open(shmPath(name), unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if errors.Is(err, unix.ENOENT) {
+		return nil, fmt.Errorf("%w: no ring %s (%s does not exist)", ErrServerGone, name, shmPath(name))
+	}
+	if err != nil {
+		return nil, &os.PathError{Op: "open", Path: shmPath(name), Err: err}
+	}
+	defer unix.Close(fd)
+	var stat unix.Stat_t
+	if err := unix.Fstat(fd, &stat); err != nil {
+		return nil, &os.PathError{Op: "fstat", Path: shmPath(name), Err: err}
+	}
+	if stat.Size < HeaderSize {
+		return nil, errNotCreatedYet
+	}
+	mem, err := unix.Mmap(fd, 0, int(stat.Size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		return nil, &os.PathError{Op: "mmap", Path: shmPath(name), Err: err}
+	}
+	r := &Ring{name: name, mem: mem, inode: stat.Ino, pid: uint32(os.Getpid()), dead: make(chan struct{})}
+	r.users.Store(1)
+	if r.geo, err = ValidateHeader(mem, len(mem)); err != nil {
+		r.unmap()
+		if magicUnwritten(mem) {
+			return nil, errNotCreatedYet
+		}
+		return nil, fmt.Errorf("ring %s: %w", name, err)
+	}
+	if err := r.openObjects(); err != nil {
+		r.unmap()
+		return nil, err
+	}
+	r.initSlots(cfg)
+	if err := r.checkAlive(); err != nil {
+		r.Close()
+		return nil, err
+	}
+	return r, nil
+}
+
+func magicUnwritten(mem []byte) bool {
+	for _, b := range mem[headerMagicOffset : headerMagicOffset+len(Magic)] {
+		if b != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// openObjects opens the liveness lock and the semaphores. The server creates
+// them all before it writes magic, so a missing one means it is gone.
+func (r *Ring) openObjects() error {
+	var err error
+	if r.lock, err = os.Open(lockPath(r.name)); err != nil {
+		return r.goneIfMissing(err)
+	}
+	if r.requestSem, err = posixsem.Open(requestSemName(r.name)); err != nil {
+		return r.goneIfMissing(err)
+	}
+	r.slotSems = make([]*posixsem.Semaphore, r.geo.SlotCount)
+	for i := range r.slotSems {
+		if r.slotSems[i], err = posixsem.Open(slotSemName(r.name, i)); err != nil {
+			return r.goneIfMissing(err)
+		}
+	}
+	return nil
+}
+
+func (r *Ring) goneIfMissing(err error) error {
+	if errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("%w: ring %s is being removed: %w", ErrServerGone, r.name, err)
+	}
+	return err
+}
+
+func (r *Ring) initSlots(cfg Config) {
+	r.serverState = atomicU32(r.mem, headerServerStateOffset)
+	r.doorbell = (*atomic.Uint64)(unsafe.Pointer(&r.mem[headerDoorbellOffset]))
+	r.slots = make([]slot, r.geo.SlotCount)
+	r.free = make(chan *slot, r.geo.SlotCount)
+	for i := range r.slots {
+		s := &r.slots[i]
+		s.index = i
+		s.mem = r.geo.slot(r.mem, i)
+		s.owner = atomicU32(s.mem, slotOwnerOffset)
+		s.reqSeq = atomicU32(s.mem, slotReqSeqOffset)
+		s.ackSeq = atomicU32(s.mem, slotAckSeqOffset)
+		s.cancelSeq = atomicU32(s.mem, slotCancelSeqOffset)
+		s.frameSeq = atomicU32(s.mem, slotFrameSeqOffset)
+		s.sem = r.slotSems[i]
+		r.free <- s
+	}
+	r.waiter = waiter{spin: cfg.Spin, tick: cfg.LivenessInterval, spinners: new(atomic.Int32), maxSpinners: int32(cfg.MaxSpinners)}
+	r.reaperWaiter = waiter{tick: cfg.LivenessInterval}
+}
+
+// atomicU32 views a 4-byte-aligned field of shared memory as an atomic.
+func atomicU32(mem []byte, offset int) *atomic.Uint32 {
+	return (*atomic.Uint32)(unsafe.Pointer(&mem[offset]))
+}
+
+// awaitReady waits for server_state READY, checking liveness as it polls,
+// since a server may die while it loads its model.
+func (r *Ring) awaitReady(ctx context.Context) error {
+	for {
+		switch state := ServerState(r.serverState.Load()); state {
+		case StateReady:
+			return nil
+		case StateStopping, StateStopped:
+			return r.markDead(fmt.Sprintf("server is %v", state))
+		}
+		if err := r.checkAlive(); err != nil {
+			return err
+		}
+		if err := sleepCtx(ctx, attachPollInterval); err != nil {
+			return fmt.Errorf("waiting for ring %s to become READY (server_state %v): %w",
+				r.name, ServerState(r.serverState.Load()), err)
+		}
+	}
+}
+
+// checkAlive applies the liveness rules of section 11. The server holds the
+// lock exclusively for its whole life, so a shared lock that succeeds proves
+// it is gone, however it died; a new inode under the name means a new server
+// replaced it. STOPPING does not count: a stopping server still answers every
+// request it read (at worst with SHUTTING_DOWN), so waiting goes on.
+func (r *Ring) checkAlive() error {
+	if err := r.deadErr.Load(); err != nil {
+		return *err
+	}
+	if state := ServerState(r.serverState.Load()); state == StateStopped {
+		return r.markDead("server is STOPPED")
+	}
+	err := unix.Flock(int(r.lock.Fd()), unix.LOCK_SH|unix.LOCK_NB)
+	if err == nil {
+		unix.Flock(int(r.lock.Fd()), unix.LOCK_UN)
+		return r.markDead("its server died (the liveness lock is free)")
+	}
+	if !errors.Is(err, unix.EWOULDBLOCK) {
+		return fmt.Errorf("liveness probe on %s: %w", lockPath(r.name), err)
+	}
+	var stat unix.Stat_t
+	switch err := unix.Stat(shmPath(r.name), &stat); {
+	case errors.Is(err, unix.ENOENT):
+		return r.markDead("its shared memory was unlinked")
+	case err != nil:
+		return &os.PathError{Op: "stat", Path: shmPath(r.name), Err: err}
+	case stat.Ino != r.inode:
+		return r.markDead("a new server replaced it")
+	}
+	return nil
+}
+
+// markDead records why the server is gone, wakes every caller of this
+// process waiting for a slot, and retires the ring; the first reason wins.
+func (r *Ring) markDead(reason string) error {
+	err := fmt.Errorf("%w: ring %s generation %016x (server pid %d): %s",
+		ErrServerGone, r.name, r.geo.Generation, r.geo.ServerPID, reason)
+	if r.deadErr.CompareAndSwap(nil, &err) {
+		close(r.dead)
+		r.Close()
+	}
+	return *r.deadErr.Load()
+}
+
+// Close retires the ring: new calls fail with ErrServerGone, and the mapping
+// and semaphores are released once the last call and reaper have finished
+// with them. Close does not wait for them.
+func (r *Ring) Close() error {
+	if r.closing.CompareAndSwap(false, true) {
+		r.releaseUser()
+	}
+	return nil
+}
+
+// Retired reports whether the ring takes no new calls.
+func (r *Ring) Retired() bool { return r.closing.Load() }
+
+// acquireUser keeps the mapping alive for one call or reaper; it fails once
+// the ring is retired.
+func (r *Ring) acquireUser() bool {
+	if r.closing.Load() {
+		return false
+	}
+	for {
+		n := r.users.Load()
+		if n == 0 {
+			return false
+		}
+		if r.users.CompareAndSwap(n, n+1) {
+			return true
+		}
+	}
+}
+
+func (r *Ring) releaseUser() {
+	if r.users.Add(-1) == 0 {
+		r.unmap()
+	}
+}
+
+func (r *Ring) unmap() {
+	for _, sem := range r.slotSems {
+		if sem != nil {
+			sem.Close()
+		}
+	}
+	if r.requestSem != nil {
+		r.requestSem.Close()
+	}
+	if r.lock != nil {
+		r.lock.Close()
+	}
+	unix.Munmap(r.mem)
+}

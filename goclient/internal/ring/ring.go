@@ -1,0 +1,275 @@
+package ring
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"sync/atomic"
+	"time"
+
+	"github.com/shmserve/shmserve/goclient/internal/posixsem"
+	"github.com/shmserve/shmserve/goclient/protocol"
+)
+
+// Ring is one attached ring generation. Its methods are safe for concurrent
+// use; each call holds one slot from claim to its FINAL frame.
+type Ring struct {
+	name  string
+	mem   []byte
+	geo   Geometry
+	inode uint64
+	pid   uint32
+
+	serverState *atomic.Uint32
+	doorbell    *atomic.Uint64
+	requestSem  *posixsem.Semaphore
+	slotSems    []*posixsem.Semaphore
+	lock        *os.File
+
+	slots []slot
+	// free holds the slots no goroutine of this process is using, so
+	// goroutines queue here instead of CAS-spinning against each other;
+	// the CAS on owner then only arbitrates between processes.
+	free chan *slot
+
+	nextReqID    atomic.Uint64
+	waiter       waiter
+	reaperWaiter waiter
+
+	// users counts the calls and reapers using the mapping, plus one for
+	// the ring itself until Close; the mapping goes when it reaches 0.
+	users   atomic.Int64
+	closing atomic.Bool
+	deadErr atomic.Pointer[error]
+	dead    chan struct{}
+}
+
+// slot is this process's view of one slot: its bytes and its publish words.
+type slot struct {
+	index     int
+	mem       []byte
+	owner     *atomic.Uint32
+	reqSeq    *atomic.Uint32
+	ackSeq    *atomic.Uint32
+	cancelSeq *atomic.Uint32
+	frameSeq  *atomic.Uint32
+	sem       *posixsem.Semaphore
+}
+
+// request is one request in flight in a claimed slot.
+type request struct {
+	slot      *slot
+	seq       uint32 // S, the req_seq it was published with
+	id        uint64
+	lastFrame uint32 // the frame_seq consumed last
+}
+
+// Name is the ring's NAME.
+func (r *Ring) Name() string { return r.name }
+
+// Geometry is the validated header, as read at attach.
+func (r *Ring) Geometry() Geometry { return r.geo }
+
+// claimBackoff bounds the sleeps of a caller that finds every slot owned by
+// other processes; a slot frees when some request completes, so there is no
+// token to wait on.
+const (
+	claimBackoffMin = 20 * time.Microsecond
+	claimBackoffMax = 2 * time.Millisecond
+)
+
+// Call sends one request and hands every reply frame to onFrame, in order,
+// until the FINAL one. frame.Data aliases shared memory and is valid only
+// during onFrame. If ctx ends, or onFrame fails on a frame that is not FINAL,
+// Call cancels the request (section 9), returns at once, and a reaper
+// goroutine keeps the slot until the server's FINAL frame.
+func (r *Ring) Call(ctx context.Context, typ protocol.MsgType, body []byte, onFrame func(Frame) error) error {
+	if len(body) > r.geo.ReqCapacity {
+		return &protocol.Error{Code: protocol.CodeTooLarge, Message: fmt.Sprintf(
+			"request of %d bytes exceeds ring %s's req_capacity of %d", len(body), r.name, r.geo.ReqCapacity)}
+	}
+	if !r.acquireUser() {
+		return r.retiredError()
+	}
+	defer r.releaseUser()
+	if state := ServerState(r.serverState.Load()); state != StateReady {
+		// A stopping server would only answer SHUTTING_DOWN; retiring the ring
+		// lets the next call attach to its successor.
+		return r.markDead(fmt.Sprintf("server is %v", state))
+	}
+	s, err := r.claim(ctx)
+	if err != nil {
+		return err
+	}
+	req, err := r.publish(s, typ, body)
+	if err != nil {
+		r.release(s)
+		return err
+	}
+	return r.receive(ctx, req, onFrame)
+}
+
+func (r *Ring) retiredError() error {
+	if err := r.deadErr.Load(); err != nil {
+		return *err
+	}
+	return fmt.Errorf("%w: ring %s was closed", ErrServerGone, r.name)
+}
+
+// claim takes a slot free in this process and claims it in shared memory.
+func (r *Ring) claim(ctx context.Context) (*slot, error) {
+	backoff := claimBackoffMin
+	for failures := 1; ; failures++ {
+		var s *slot
+		select {
+		case s = <-r.free:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-r.dead:
+			return nil, *r.deadErr.Load()
+		}
+		if s.owner.CompareAndSwap(0, r.pid) {
+			return s, nil
+		}
+		r.free <- s
+		if failures%r.geo.SlotCount == 0 {
+			if err := sleepCtx(ctx, backoff); err != nil {
+				return nil, err
+			}
+			backoff = min(2*backoff, claimBackoffMax)
+		}
+	}
+}
+
+// publish is steps 1-4 of section 8 after the claim.
+func (r *Ring) publish(s *slot, typ protocol.MsgType, body []byte) (request, error) {
+	req := request{slot: s, seq: s.reqSeq.Load() + 1, id: r.nextReqID.Add(1), lastFrame: s.frameSeq.Load()}
+	// Tokens left by earlier requests of this slot would only cause spurious
+	// wake-ups, but unbounded they would overflow the semaphore.
+	if _, err := s.sem.Drain(); err != nil {
+		return req, err
+	}
+	copy(s.mem[slotDataOffset:], body)
+	binary.LittleEndian.PutUint32(s.mem[slotReqLenOffset:], uint32(len(body)))
+	s.mem[slotReqTypeOffset] = byte(typ)
+	binary.LittleEndian.PutUint64(s.mem[slotReqIDOffset:], req.id)
+	s.reqSeq.Store(req.seq)
+	return req, r.ringDoorbell()
+}
+
+// ringDoorbell tells the server to look at the slots again. The fetch-add
+// is a full barrier, so the value read next postdates the publish: posting
+// only when it is 0 cannot lose a wake-up (section 10).
+func (r *Ring) ringDoorbell() error {
+	r.doorbell.Add(1)
+	return r.requestSem.PostIfZero()
+}
+
+// receive consumes the frames of req until the FINAL one.
+func (r *Ring) receive(ctx context.Context, req request, onFrame func(Frame) error) error {
+	for {
+		frame, err := r.nextFrame(ctx, &r.waiter, &req)
+		if err != nil {
+			if ctxErr := ctx.Err(); ctxErr != nil && errors.Is(err, ctxErr) {
+				r.cancel(req)
+			}
+			return err
+		}
+		callbackErr := onFrame(frame)
+		if frame.Final {
+			r.release(req.slot)
+			return callbackErr
+		}
+		if callbackErr != nil {
+			r.cancel(req)
+			return callbackErr
+		}
+		if err := r.ack(req); err != nil {
+			r.cancel(req)
+			return err
+		}
+	}
+}
+
+// nextFrame waits for the next frame of req and validates it. On a
+// validation failure the slot is given up without being released: the server
+// may still write there.
+func (r *Ring) nextFrame(ctx context.Context, w *waiter, req *request) (Frame, error) {
+	s := req.slot
+	seq := req.lastFrame
+	changed := func() bool {
+		seq = s.frameSeq.Load()
+		return seq != req.lastFrame
+	}
+	if err := w.await(ctx, s.sem, changed, r.checkAlive); err != nil {
+		return Frame{}, err
+	}
+	req.lastFrame = seq
+	frame, err := ValidateFrame(s.mem, r.geo, seq, req.seq, req.id)
+	if err != nil {
+		r.abandon(s, err)
+		return Frame{}, fmt.Errorf("ring %s slot %d: %w", r.name, s.index, err)
+	}
+	return frame, nil
+}
+
+// ack lets the server write the next frame of req (flow control).
+func (r *Ring) ack(req request) error {
+	req.slot.ackSeq.Store(req.lastFrame)
+	return r.ringDoorbell()
+}
+
+// release frees a slot whose reply is complete, first in shared memory, then
+// for the goroutines of this process.
+func (r *Ring) release(s *slot) {
+	s.owner.Store(0)
+	r.free <- s
+}
+
+// abandon drops a slot whose frames cannot be trusted. A misrouted frame
+// means the server handed the slot to someone else (it judged this process
+// dead), so the slot goes back to the free list and a later CAS decides who
+// owns it; a corrupt frame leaves the slot claimed for good, since nothing
+// says when the server is done writing there.
+func (r *Ring) abandon(s *slot, err error) {
+	var invalid *ValidationError
+	if errors.As(err, &invalid) && invalid.Name == Misrouted {
+		r.free <- s
+	}
+}
+
+// cancel asks the server to stop req (section 9) and hands the slot to a
+// reaper, which releases it after the FINAL frame: releasing it earlier
+// would let the server write a stale frame into the next owner's request.
+// It acks the last frame consumed too, which the server needs before it can
+// send its FINAL one.
+func (r *Ring) cancel(req request) {
+	req.slot.cancelSeq.Store(req.seq)
+	req.slot.ackSeq.Store(req.lastFrame)
+	if r.ringDoorbell() != nil || !r.acquireUser() {
+		return // the ring is going away; nobody will reuse the slot
+	}
+	go r.reap(req)
+}
+
+// reap consumes the rest of a cancelled request's reply: non-FINAL frames
+// are acked so the server can get to its FINAL one. It blocks without
+// spinning (nobody waits for it) and ends when the server does.
+func (r *Ring) reap(req request) {
+	defer r.releaseUser()
+	for {
+		frame, err := r.nextFrame(context.Background(), &r.reaperWaiter, &req)
+		if err != nil {
+			return
+		}
+		if frame.Final {
+			r.release(req.slot)
+			return
+		}
+		if r.ack(req) != nil {
+			return
+		}
+	}
+}

@@ -1,0 +1,168 @@
+"""The ``shmserve`` command: serve models, train the CIFAR-10 CNN, make a tiny Gemma."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+
+from . import layout as L
+
+log = logging.getLogger("shmserve")
+
+
+def _size(text: str) -> int:
+    """Byte counts like 65536, 64KiB or 1MiB."""
+    units = {"kib": 1024, "mib": 1024 ** 2, "k": 1024, "m": 1024 ** 2}
+    lowered = text.strip().lower()
+    for suffix, factor in units.items():
+        if lowered.endswith(suffix):
+            return int(float(lowered[:-len(suffix)]) * factor)
+    return int(lowered)
+
+
+def _add_serve(sub) -> None:
+    from . import models, transports
+    p = sub.add_parser("serve", help="serve a model over shared memory, a Unix socket, TCP, HTTP",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="cifar", choices=models.available(),
+                   help="what to serve; every model also answers ECHO")
+    p.add_argument("--transport", default="shm,uds",
+                   help=f"comma-separated transports from: {','.join(transports.NAMES)}")
+    p.add_argument("--name", default="default", help="ring name: /dev/shm/shmserve.NAME and its "
+                   "semaphores")
+    p.add_argument("--socket", default=None, help="Unix socket path (default "
+                   "/tmp/shmserve.NAME.sock)")
+    p.add_argument("--port", type=int, default=8080, help="HTTP port (on --http-host)")
+    p.add_argument("--http-host", default="127.0.0.1")
+    p.add_argument("--tcp-port", type=int, default=9090, help="TCP packet port (on --tcp-host)")
+    p.add_argument("--tcp-host", default="127.0.0.1")
+    p.add_argument("--packet-timeout", type=float, default=10.0,
+                   help="uds/tcp: seconds a client may take to finish a packet it started")
+    p.add_argument("--group-access", action="store_true",
+                   help="create the ring, semaphores and socket 0660 instead of 0600")
+    ring = p.add_argument_group("ring")
+    ring.add_argument("--slots", type=int, default=L.DEFAULT_SLOTS,
+                      help="requests in flight at once, across all clients")
+    ring.add_argument("--slot-request-bytes", type=_size, default=L.DEFAULT_REQ_CAPACITY,
+                      help="largest request body per slot (multiple of 64)")
+    ring.add_argument("--slot-reply-bytes", type=_size, default=L.DEFAULT_RESP_CAPACITY,
+                      help="reply bytes per frame; longer replies span frames")
+    ring.add_argument("--spin-us", type=float, default=50.0,
+                      help="busy-poll this long before blocking on the semaphore; 0 = block "
+                      "only (saves a core, costs ~15 us per wake-up)")
+    ring.add_argument("--max-batch", type=int, default=64,
+                      help="most requests handed to the model in one call")
+    ring.add_argument("--batch-wait-us", type=float, default=0.0,
+                      help="extra time to wait for more requests to join a batch")
+    cifar = p.add_argument_group("cifar")
+    cifar.add_argument("--model-path", default=None, help="LiteRT .tflite model (default: the "
+                       "shipped one)")
+    cifar.add_argument("--threads", type=int, default=2, help="LiteRT interpreter threads")
+    gemma = p.add_argument_group("gemma")
+    gemma.add_argument("--checkpoint", default=os.environ.get("MODEL_CHECKPOINT"),
+                       help="checkpoint directory (env MODEL_CHECKPOINT)")
+    gemma.add_argument("--tokenizer", default=os.environ.get("MODEL_TOKENIZER"),
+                       help="SentencePiece tokenizer file (env MODEL_TOKENIZER)")
+    gemma.add_argument("--variant", default=None, help="architecture name, e.g. gemma3-1b, tiny")
+    gemma.add_argument("--cache-length", type=int, default=1024,
+                       help="tokens of KV cache: prompt + generated must fit")
+    gemma.add_argument("--max-new-tokens", type=int, default=1024,
+                       help="largest sampling_steps a request may ask for")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args) -> int:
+    from . import models, transports
+    from .dispatch import Dispatcher
+    args.socket = args.socket or f"/tmp/shmserve.{args.name}.sock"
+    names = [t.strip() for t in args.transport.split(",") if t.strip()]
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    model = models.load(args.model, args)
+    dispatcher = Dispatcher(model)
+    started = []
+    try:
+        for name in names:
+            transport = transports.load(name, dispatcher, args)
+            started.append(transport)
+            transport.start()
+        model.warmup()
+        ready = {"event": "ready", "pid": os.getpid(), "model": model.describe(),
+                 "transports": names}
+        for transport in started:
+            transport.set_ready()
+            ready.update(transport.describe())
+        print(json.dumps(ready), flush=True)
+        stop.wait()
+        log.info("stopping")
+    finally:
+        for transport in reversed(started):
+            transport.stop()
+        model.close()
+    return 0
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a model")
+    which = p.add_subparsers(dest="which", required=True)
+    c = which.add_parser("cifar", help="train the CIFAR-10 CNN and export the served .tflite",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument("--data", required=True, help="image folder tree (one folder per class) or "
+                   "a directory with the CIFAR-10 python batches")
+    c.add_argument("--epochs", type=int, default=15)
+    c.add_argument("--out", required=True, help="output path stem: writes OUT.keras, "
+                   "OUT.tflite, OUT.metrics.json")
+    c.add_argument("--val-fraction", type=float, default=0.1)
+    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--limit", type=int, default=None, help="use only this many images")
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=_train_cifar)
+
+
+def _train_cifar(args) -> int:
+    from .training.cifar import train
+    metrics = train(args.data, args.epochs, args.out, val_fraction=args.val_fraction,
+                    batch_size=args.batch_size, seed=args.seed, limit=args.limit)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _add_tiny_gemma(sub) -> None:
+    p = sub.add_parser("make-tiny-gemma", help="write a tiny random Gemma-architecture checkpoint "
+                       "and tokenizer (for tests and the offline demo)")
+    p.add_argument("out", help="output directory")
+    p.set_defaults(func=_make_tiny_gemma)
+
+
+def _make_tiny_gemma(args) -> int:
+    from .models.tiny_gemma import make_tiny_gemma
+    print(json.dumps(make_tiny_gemma(args.out), indent=2, default=str))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="shmserve", description=__doc__)
+    parser.add_argument("--log-level", default=os.environ.get("SHMSERVE_LOG", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    _add_train(sub)
+    _add_tiny_gemma(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileExistsError, RuntimeError, OSError) as exc:
+        if args.log_level.upper() == "DEBUG":
+            raise
+        print(f"shmserve: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

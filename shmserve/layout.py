@@ -1,0 +1,241 @@
+"""Shared-memory ring layout: every offset and constant of spec/PROTOCOL.md section 7.
+
+This module and goclient/internal/ring/layout.go are the only places that know the byte
+layout; both mirror the spec, and spec/vectors/ring.json keeps them honest.
+
+Header (256 bytes, four 64-byte cache lines)::
+
+    0               8       10      12      16      20      24      28      32
+    +---------------+-------+-------+-------+-------+-------+-------+-------+
+    | magic         |v_major|v_minor|hdr_sz |slots  |stride |req_cap|rsp_cap|  line 0:
+    +---------------+-------+-------+-------+-------+-------+-------+-------+  static, written
+    32              40              48      52      56              64         once by the
+    +---------------+---------------+-------+-------+---------------+          server; magic
+    | total_size    | generation    |pid    |flags  | reserved      |          last
+    +---------------+---------------+-------+-------+---------------+
+    64      68      72              80                              128
+    +-------+-------+---------------+-------------------------------+  line 1: server,
+    |state  |rsvd   | heartbeat_ns  | reserved                      |  run time
+    +-------+-------+---------------+-------------------------------+
+    128             136                                             192
+    +---------------+-----------------------------------------------+  line 2: clients
+    | doorbell      | reserved                                      |  (fetch-add)
+    +---------------+-----------------------------------------------+
+    192-255 reserved                                                   line 3
+
+Slot (slot_stride bytes, 64-byte aligned)::
+
+    0       4       8               16      20  21  24      28      32          64
+    +-------+-------+---------------+-------+---+---+-------+-------+-----------+
+    |owner  |req_seq| req_id        |req_len|typ|rsv|ack_seq|cancel |reserved   |  client line
+    +-------+-------+---------------+-------+---+---+-------+-------+-----------+
+    64      68      72              80      84  85  86                         128
+    +-------+-------+---------------+-------+---+---+---------------------------+
+    |frm_seq|frm_rsq| frame_req_id  |frm_len|typ|flg| reserved                  |  server line
+    +-------+-------+---------------+-------+---+---+---------------------------+
+    128                       128+req_capacity            128+req_cap+resp_cap
+    +-------------------------+---------------------------+
+    | request data            | reply data                |
+    +-------------------------+---------------------------+
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+
+MAGIC = b"SHMSRING"
+VERSION_MAJOR = 1
+VERSION_MINOR = 0
+HEADER_SIZE = 256
+CACHE_LINE = 64
+
+# Header offsets.
+H_MAGIC = 0
+H_VERSION_MAJOR = 8
+H_VERSION_MINOR = 10
+H_HEADER_SIZE = 12
+H_SLOT_COUNT = 16
+H_SLOT_STRIDE = 20
+H_REQ_CAPACITY = 24
+H_RESP_CAPACITY = 28
+H_TOTAL_SIZE = 32
+H_GENERATION = 40
+H_SERVER_PID = 48
+H_FLAGS = 52
+H_SERVER_STATE = 64
+H_HEARTBEAT_NS = 72
+H_DOORBELL = 128
+
+HEADER_FLAG_GROUP_ACCESS = 1
+
+# Slot offsets, client cache line.
+S_OWNER = 0
+S_REQ_SEQ = 4
+S_REQ_ID = 8
+S_REQ_LEN = 16
+S_REQ_TYPE = 20
+S_ACK_SEQ = 24
+S_CANCEL_SEQ = 28
+# Slot offsets, server cache line.
+S_FRAME_SEQ = 64
+S_FRAME_REQ_SEQ = 68
+S_FRAME_REQ_ID = 72
+S_FRAME_LEN = 80
+S_FRAME_TYPE = 84
+S_FRAME_FLAGS = 85
+S_DATA = 128
+
+FRAME_FLAG_FINAL = 1
+
+MIN_SLOTS, MAX_SLOTS = 1, 1024
+MIN_REQ_CAPACITY = 3072
+MIN_RESP_CAPACITY = 64
+HEARTBEAT_INTERVAL_S = 0.25
+
+DEFAULT_SLOTS = 64
+DEFAULT_REQ_CAPACITY = 256 * 1024
+DEFAULT_RESP_CAPACITY = 64 * 1024
+
+
+class ServerState(enum.IntEnum):
+    STARTING = 1
+    READY = 2
+    STOPPING = 3
+    STOPPED = 4
+
+
+class LayoutError(ValueError):
+    """A header or geometry that violates section 7; ``name`` is the vector error name."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(f"{name}: {message}")
+        self.name = name
+
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
+
+
+def check_name(name: str) -> str:
+    if not _NAME_RE.fullmatch(name):
+        raise ValueError(f"ring name {name!r} must be 1-64 characters of [A-Za-z0-9_.-], "
+                         "not starting with '.'")
+    return name
+
+
+def shm_name(name: str) -> str:
+    return f"/shmserve.{name}"
+
+
+def request_sem_name(name: str) -> str:
+    return f"/shmserve.{name}.req"
+
+
+def slot_sem_name(name: str, slot: int) -> str:
+    return f"/shmserve.{name}.s{slot}"
+
+
+def lock_path(name: str, shm_dir: str = "/dev/shm") -> str:
+    return f"{shm_dir}/shmserve.{name}.lock"
+
+
+def align64(n: int) -> int:
+    return (n + CACHE_LINE - 1) // CACHE_LINE * CACHE_LINE
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    slot_count: int
+    req_capacity: int
+    resp_capacity: int
+
+    def __post_init__(self):
+        if not MIN_SLOTS <= self.slot_count <= MAX_SLOTS:
+            raise LayoutError("BAD_GEOMETRY", f"slot_count {self.slot_count} outside "
+                              f"{MIN_SLOTS}..{MAX_SLOTS}")
+        for field, low in (("req_capacity", MIN_REQ_CAPACITY), ("resp_capacity", MIN_RESP_CAPACITY)):
+            value = getattr(self, field)
+            if value < low or value % CACHE_LINE or value > 1 << 30:
+                raise LayoutError("BAD_GEOMETRY", f"{field} {value} must be a multiple of 64 "
+                                  f"in {low}..{1 << 30}")
+
+    @property
+    def slot_stride(self) -> int:
+        return align64(S_DATA + self.req_capacity + self.resp_capacity)
+
+    @property
+    def total_size(self) -> int:
+        return HEADER_SIZE + self.slot_count * self.slot_stride
+
+    def slot_offset(self, slot: int) -> int:
+        return HEADER_SIZE + slot * self.slot_stride
+
+    def request_data_offset(self, slot: int) -> int:
+        return self.slot_offset(slot) + S_DATA
+
+    def reply_data_offset(self, slot: int) -> int:
+        return self.slot_offset(slot) + S_DATA + self.req_capacity
+
+
+def parse_header(buf, mapping_size: int) -> tuple[Geometry, int]:
+    """Validate a header as a client does at attach; returns (geometry, generation)."""
+    mv = memoryview(buf)
+    if len(mv) < HEADER_SIZE:
+        raise LayoutError("BAD_GEOMETRY", f"mapping of {len(mv)} bytes is smaller than the header")
+    if bytes(mv[H_MAGIC:H_MAGIC + 8]) != MAGIC:
+        raise LayoutError("BAD_MAGIC", "not a shmserve ring (magic missing)")
+    major = int.from_bytes(mv[H_VERSION_MAJOR:H_VERSION_MAJOR + 2], "little")
+    if major != VERSION_MAJOR:
+        raise LayoutError("BAD_VERSION", f"ring version {major}, this reader speaks {VERSION_MAJOR}")
+
+    def u32(off):
+        return int.from_bytes(mv[off:off + 4], "little")
+
+    if u32(H_HEADER_SIZE) != HEADER_SIZE:
+        raise LayoutError("BAD_GEOMETRY", f"header_size {u32(H_HEADER_SIZE)} != {HEADER_SIZE}")
+    geometry = Geometry(u32(H_SLOT_COUNT), u32(H_REQ_CAPACITY), u32(H_RESP_CAPACITY))
+    if u32(H_SLOT_STRIDE) != geometry.slot_stride:
+        raise LayoutError("BAD_GEOMETRY", f"slot_stride {u32(H_SLOT_STRIDE)} != "
+                          f"{geometry.slot_stride} implied by the capacities")
+    total = int.from_bytes(mv[H_TOTAL_SIZE:H_TOTAL_SIZE + 8], "little")
+    if total != geometry.total_size or total != mapping_size:
+        raise LayoutError("BAD_GEOMETRY", f"total_size {total}, geometry implies "
+                          f"{geometry.total_size}, mapping is {mapping_size}")
+    generation = int.from_bytes(mv[H_GENERATION:H_GENERATION + 8], "little")
+    if generation == 0:
+        raise LayoutError("BAD_GEOMETRY", "generation is 0")
+    return geometry, generation
+
+
+# Frame types a server may publish (spec section 3: every reply type).
+REPLY_TYPES = frozenset({0x00, 0x01, 0x02, 0x03, 0x04, 0x06, 0x07, 0xFF})
+
+
+class FrameError(Exception):
+    """A reply frame a client must not accept; ``name`` is CORRUPT_RECORD or MISROUTED."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(f"{name}: {message}")
+        self.name = name
+
+
+def check_frame(frame_req_seq: int, frame_req_id: int, frame_len: int, frame_type: int,
+                req_seq: int, req_id: int, resp_capacity: int) -> None:
+    """Section 9: what a client checks before it reads a frame's data."""
+    if (frame_req_seq, frame_req_id) != (req_seq, req_id):
+        raise FrameError("MISROUTED", f"frame answers request ({frame_req_seq}, "
+                         f"{frame_req_id:#x}), not ({req_seq}, {req_id:#x})")
+    if frame_len > resp_capacity:
+        raise FrameError("CORRUPT_RECORD", f"frame_len {frame_len} exceeds resp_capacity "
+                         f"{resp_capacity}")
+    if frame_type not in REPLY_TYPES:
+        raise FrameError("CORRUPT_RECORD", f"frame type 0x{frame_type:02x} is not a reply type")
+
+
+def check_request_record(owner: int, req_len: int, req_capacity: int) -> str | None:
+    """Section 8: the record-level checks the server makes; a reason, or None when sound."""
+    if req_len > req_capacity:
+        return f"req_len {req_len} exceeds req_capacity {req_capacity}"
+    if not owner:
+        return "request in an unowned slot"
+    return None

@@ -1,0 +1,1 @@
+"""Training code for shmserve's models. Imports TensorFlow; never needed to serve."""

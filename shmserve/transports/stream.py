@@ -1,0 +1,178 @@
+"""Stream-socket transport (spec section 5): the classic length-prefixed packets over a Unix
+or TCP socket, one thread per connection, one request at a time per connection."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import stat
+import threading
+
+from ..dispatch import Request
+from ..protocol import (MAX_PACKET_BODY, PACKET_HEADER, PACKET_LENGTH, ErrorCode, FramingError,
+                        MsgType, check_packet_length, encode_error)
+
+log = logging.getLogger("shmserve.stream")
+
+
+class StreamRequest(Request):
+    __slots__ = ("connection", "finished")
+
+    def __init__(self, connection: "Connection", msg_type: int, body: bytes):
+        super().__init__(msg_type, body)
+        self.connection = connection
+        self.finished = threading.Event()
+
+    def _send(self, msg_type, payload, final):
+        try:
+            self.connection.send_packet(msg_type, payload)
+        finally:
+            if final:
+                self.finished.set()
+
+    def cancelled(self) -> bool:
+        return self.connection.closed
+
+
+class Connection:
+    def __init__(self, sock: socket.socket, transport: "StreamTransport"):
+        self.sock = sock
+        self.transport = transport
+        self.closed = False
+        self._send_lock = threading.Lock()
+
+    def send_packet(self, msg_type: int, payload) -> None:
+        header = PACKET_HEADER.pack(len(payload) + 1, msg_type)
+        with self._send_lock:
+            if len(payload) <= 65536:
+                self.sock.sendall(header + bytes(payload))
+            else:  # skip the concatenation copy for big bodies; TCP_NODELAY is set
+                self.sock.sendall(header)
+                self.sock.sendall(payload)
+
+    def _read_exact(self, n: int, first_byte_timeout, eof_ok: bool = False) -> bytearray | None:
+        """n bytes; None on a clean EOF before the first byte when ``eof_ok``. The packet
+        timeout applies once a packet has started, so a slow-loris client cannot hold a half
+        packet forever."""
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        self.sock.settimeout(first_byte_timeout)
+        while got < n:
+            count = self.sock.recv_into(view[got:])
+            if not count:
+                if got == 0 and eof_ok:
+                    return None
+                raise ConnectionError(f"peer closed mid-packet after {got} of {n} bytes")
+            got += count
+            self.sock.settimeout(self.transport.packet_timeout)
+        return buf
+
+    def serve(self) -> None:
+        transport = self.transport
+        try:
+            while not transport.stopping:
+                prefix = self._read_exact(4, transport.idle_timeout, eof_ok=True)
+                if prefix is None:
+                    return
+                (length,) = PACKET_LENGTH.unpack(prefix)
+                try:
+                    check_packet_length(length, transport.max_body)
+                except FramingError as exc:
+                    code = ErrorCode.TOO_LARGE if exc.name == "TOO_LARGE" else ErrorCode.BAD_LENGTH
+                    self.send_packet(MsgType.ERROR, encode_error(code, str(exc)))
+                    return  # the stream cannot be resynchronised: section 5
+                packet = self._read_exact(length, transport.packet_timeout)
+                request = StreamRequest(self, packet[0], memoryview(packet)[1:])
+                transport.dispatcher.dispatch([request])
+                request.finished.wait()
+        except (ConnectionError, TimeoutError, OSError) as exc:
+            log.debug("connection ended: %s", exc)
+        finally:
+            self.closed = True
+            self.sock.close()
+            transport.forget(self)
+
+
+class StreamTransport:
+    def __init__(self, dispatcher, sock: socket.socket, name: str, *, max_connections: int = 1024,
+                 packet_timeout: float = 10.0, idle_timeout: float | None = None,
+                 max_body: int = MAX_PACKET_BODY):
+        self.dispatcher = dispatcher
+        self.sock = sock
+        self.name = name
+        self.max_connections = max_connections
+        self.packet_timeout = packet_timeout
+        self.idle_timeout = idle_timeout
+        self.max_body = max_body
+        self.stopping = False
+        self._connections: set[Connection] = set()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._accept_loop, name=f"{name}-accept",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self.sock.listen(128)
+        self._thread.start()
+
+    def set_ready(self) -> None:
+        """Sockets are ready once listening."""
+
+    def _accept_loop(self) -> None:
+        while not self.stopping:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return  # listening socket closed by stop()
+            if client.family == socket.AF_INET:
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                if len(self._connections) >= self.max_connections:
+                    log.warning("refusing connection: %d open", len(self._connections))
+                    client.close()
+                    continue
+                connection = Connection(client, self)
+                self._connections.add(connection)
+            threading.Thread(target=connection.serve, name=f"{self.name}-conn",
+                             daemon=True).start()
+
+    def forget(self, connection: Connection) -> None:
+        with self._lock:
+            self._connections.discard(connection)
+
+    def stop(self) -> None:
+        self.stopping = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes accept(); close() alone does not
+        except OSError:
+            pass
+        self.sock.close()
+        with self._lock:
+            for connection in list(self._connections):
+                try:
+                    connection.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        self._thread.join(timeout=5)
+
+
+def listen_unix(path: str, mode: int) -> socket.socket:
+    """Bind a Unix socket at ``path``, replacing a stale socket file but never a live one."""
+    if os.path.exists(path):
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            raise FileExistsError(f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+            raise FileExistsError(f"{path} is in use by a live server")
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o777 & ~mode)  # no window in which the socket is wider than mode
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old_umask)
+    return sock

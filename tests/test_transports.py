@@ -1,0 +1,138 @@
+"""Echo, errors and framing against a real server over the ring, the Unix socket and TCP."""
+import concurrent.futures
+import os
+import socket
+import struct
+import time
+
+import pytest
+
+from shmserve.client import PacketClient, RingClient, ServerError
+from shmserve.protocol import ErrorCode, MsgType, encode_prompt
+
+
+@pytest.fixture
+def ring(echo_server):
+    client = RingClient(echo_server.name)
+    yield client
+    client.close()
+
+
+def tcp_address(server):
+    host, port = server.ready["tcp"].rsplit(":", 1)
+    return host, int(port)
+
+
+def test_ready_line_describes_the_server(echo_server):
+    ready = echo_server.ready
+    assert ready["event"] == "ready" and ready["model"]["model"] == "echo"
+    assert ready["transports"] == ["shm", "uds", "tcp"] and ready["socket"] == echo_server.socket
+    assert len(ready["generation"]) == 16
+
+
+def test_objects_are_owner_only(echo_server):
+    paths = [f"/dev/shm/shmserve.{echo_server.name}", f"/dev/shm/sem.shmserve.{echo_server.name}.req",
+             f"/dev/shm/sem.shmserve.{echo_server.name}.s0", echo_server.socket]
+    for path in paths:
+        assert os.stat(path).st_mode & 0o777 == 0o600, path
+
+
+@pytest.mark.parametrize("size", [0, 1, 64, 3072, 4096, 4097, 100_000])
+def test_ring_echo_sizes(ring, size):
+    payload = os.urandom(size)
+    assert ring.echo(payload) == payload  # 4097+ spans frames of 4096 with acks
+
+
+def test_ring_echo_many_threads_each_reply_matches(ring):
+    def one(i):
+        payload = struct.pack("<I", i) * (1 + i % 700)
+        return ring.echo(payload) == payload
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        assert all(pool.map(one, range(2000)))
+
+
+@pytest.mark.parametrize("msg_type, body, code", [
+    (0x42, b"x", ErrorCode.UNKNOWN_TYPE),
+    (MsgType.STREAM_CHUNK, b"x", ErrorCode.UNKNOWN_TYPE),
+    (MsgType.CLASSIFY, b"\x00" * 100, ErrorCode.BAD_LENGTH),
+    (MsgType.CLASSIFY, b"\x00" * 3072, ErrorCode.UNSUPPORTED),
+    (MsgType.PROMPT, encode_prompt("hi", 4), ErrorCode.UNSUPPORTED),
+    (MsgType.PROMPT, b"\x01", ErrorCode.BAD_LENGTH),
+])
+def test_typed_errors_on_every_transport(echo_server, ring, msg_type, body, code):
+    with pytest.raises(ServerError) as info:
+        ring.call(msg_type, body)
+    assert info.value.code == code
+    for address in (echo_server.socket, tcp_address(echo_server)):
+        client = PacketClient(address)
+        with pytest.raises(ServerError) as info:
+            client.call(msg_type, body)
+        assert info.value.code == code
+        assert client.call(MsgType.ECHO, b"still usable") == (MsgType.ECHO, b"still usable")
+        client.close()
+
+
+def test_ring_request_larger_than_slot_is_refused_locally(ring):
+    with pytest.raises(ValueError, match="req_capacity"):
+        ring.echo(b"x" * (ring.geometry.req_capacity + 1))
+
+
+def test_classic_framing_round_trips_byte_exact(echo_server):
+    image = bytes(range(256)) * 12
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(echo_server.socket)
+    sock.sendall(b"\x00\x00\x0c\x01\x00" + image)
+    reply = b""
+    while len(reply) < 5 + 3072:
+        reply += sock.recv(8192)
+    assert reply == b"\x00\x00\x0c\x01\x00" + image
+    sock.close()
+
+
+@pytest.mark.parametrize("prefix, code", [(b"\x00\x00\x00\x00", ErrorCode.BAD_LENGTH),
+                                          (b"\xff\xff\xff\xff", ErrorCode.TOO_LARGE),
+                                          (struct.pack(">I", 16 * 1024 * 1024 + 2),
+                                           ErrorCode.TOO_LARGE)])
+def test_framing_errors_answer_then_close(echo_server, prefix, code):
+    client = PacketClient(echo_server.socket)
+    client.sock.sendall(prefix)
+    msg_type, body = client.read()
+    assert msg_type == MsgType.ERROR and struct.unpack_from("<H", body)[0] == code
+    assert client.sock.recv(1) == b""  # closed: the stream cannot be resynchronised
+    client.close()
+
+
+def test_truncated_packet_does_not_disturb_others(echo_server):
+    broken = PacketClient(echo_server.socket)
+    broken.sock.sendall(b"\x00\x00\x10\x00\x00partial")
+    broken.close()
+    good = PacketClient(echo_server.socket)
+    assert good.call(MsgType.ECHO, b"ok")[1] == b"ok"
+    good.close()
+
+
+def test_many_socket_clients_concurrently(echo_server):
+    def session(i):
+        client = PacketClient(echo_server.socket if i % 2 else tcp_address(echo_server))
+        try:
+            return all(client.call(MsgType.ECHO, bytes([i]) * n)[1] == bytes([i]) * n
+                       for n in (1, 3072, 70_000))
+        finally:
+            client.close()
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        assert all(pool.map(session, range(32)))
+
+
+def test_slow_loris_is_cut_off_and_others_are_served(start_server):
+    server = start_server("--model", "echo", "--transport", "uds", "--packet-timeout", "0.5")
+    loris = PacketClient(server.socket, timeout=5)
+    loris.sock.sendall(b"\x00\x00\x00\x05\x00")  # a packet that never completes
+    other = PacketClient(server.socket)
+    assert other.call(MsgType.ECHO, b"fast")[1] == b"fast"
+    started = time.monotonic()
+    assert loris.sock.recv(1) == b""  # the server hung up on the half packet
+    assert time.monotonic() - started < 3
+    other.close()
+    loris.close()
