@@ -53,6 +53,7 @@ export CGO_ENABLED := 1
 help:
 	@echo "make venv        .venv with every extra and group (what 'make test' uses)"
 	@echo "make venv-serve  .venv with only core + serve + http (fast; enough for the demo)"
+	@echo "make demo        start the sidecar (CIFAR-10 model), drive it from Go, print results"
 	@echo "make test        go tests in goclient/ and pytest tests/ against .venv"
 	@echo "make lock        re-resolve uv.lock after editing pyproject.toml"
 	@echo "make versions    print the toolchain this Makefile will use"
@@ -115,6 +116,45 @@ test-go: $(VENV_ALL)
 # pytest's exit 5 ("no tests collected") is left as a failure on purpose.
 test-py: $(VENV_ALL)
 	$(VENV)/bin/pytest -q tests/
+
+# The Go client, built once; cgo links the POSIX semaphore calls.
+SHMCLIENT := goclient/bin/shmclient
+GO_SOURCES := $(shell find goclient -name '*.go' -not -name '*_test.go' 2>/dev/null) goclient/go.mod
+$(SHMCLIENT): $(GO_SOURCES)
+	cd goclient && $(GO) build -o bin/shmclient ./cmd/shmclient
+
+# Images for the demo come from the shared CIFAR-10 training set when this checkout has it
+# beside it (never copied into the repo); otherwise the demo classifies what DEMO_IMAGES names.
+CIFAR_TARBALL ?= $(firstword $(wildcard ../shared/data/cifar10-train-jpg.tar.gz shared/data/cifar10-train-jpg.tar.gz))
+DEMO_NAME ?= demo
+DEMO_SOCKET := /tmp/shmserve.$(DEMO_NAME).sock
+
+.PHONY: demo
+demo: $(VENV_SERVE) $(SHMCLIENT)
+	@work=$$(mktemp -d); server=; \
+	trap 'test -n "$$server" && kill $$server 2>/dev/null; wait 2>/dev/null; rm -rf "$$work"' EXIT; \
+	if [ -n "$(CIFAR_TARBALL)" ]; then \
+		for c in airplane automobile bird cat deer dog frog horse ship truck; do \
+			echo train/$$c/0001.jpg train/$$c/0002.jpg; done | xargs tar xzf $(CIFAR_TARBALL) -C "$$work"; \
+	fi; \
+	images="$${DEMO_IMAGES:-$$work/train}"; \
+	echo "== starting the sidecar: shmserve serve --model cifar --transport shm,uds --name $(DEMO_NAME)"; \
+	mkfifo "$$work/ready"; \
+	$(VENV)/bin/shmserve serve --model cifar --transport shm,uds --name $(DEMO_NAME) \
+		--socket $(DEMO_SOCKET) >"$$work/ready" & server=$$!; \
+	read -t 60 ready <"$$work/ready" || { echo "sidecar did not report ready" >&2; exit 1; }; \
+	echo "$$ready"; \
+	echo "== echo over shared memory, then over the Unix socket"; \
+	$(SHMCLIENT) echo -addr shm://$(DEMO_NAME) "hello over shared memory"; \
+	$(SHMCLIENT) echo -addr unix://$(DEMO_SOCKET) "hello over the unix socket"; \
+	echo "== classify (expected class = folder name)"; \
+	if [ -d "$$images" ] || [ -f "$$images" ]; then $(SHMCLIENT) classify -addr shm://$(DEMO_NAME) -c 4 "$$images"; \
+	else echo "no images: set DEMO_IMAGES=DIR or put the CIFAR-10 tarball at ../shared/data/"; fi; \
+	echo "== 3072-byte echo latency, shm vs unix, one run"; \
+	$(SHMCLIENT) bench -addr shm://$(DEMO_NAME),unix://$(DEMO_SOCKET) -n 20000 -size 3072; \
+	kill $$server; wait $$server; server=; \
+	left=$$(ls /dev/shm | grep -c "shmserve\.$(DEMO_NAME)" || true); \
+	echo "== sidecar stopped; objects left in /dev/shm: $$left"
 
 .PHONY: clean
 clean:

@@ -70,7 +70,7 @@ def _add_serve(sub) -> None:
     gemma.add_argument("--variant", default=None, help="architecture name, e.g. gemma3-1b, tiny")
     gemma.add_argument("--cache-length", type=int, default=1024,
                        help="tokens of KV cache: prompt + generated must fit")
-    gemma.add_argument("--max-new-tokens", type=int, default=1024,
+    gemma.add_argument("--max-new-tokens", type=int, default=512,
                        help="largest sampling_steps a request may ask for")
     p.set_defaults(func=_serve)
 

@@ -105,24 +105,24 @@ func sleepCtx(ctx context.Context, d time.Duration) error {
 // itself and checked against the header, so a corrupt header cannot make the
 // client read outside it.
 func mapRing(name string, cfg Config) (*Ring, error) {
-	fd, err := unix.Open(shmPath(name), unix.O_RDWR|unix.O_CLOEXEC, 0)
+	fd, err := unix.Open(ShmPath(name), unix.O_RDWR|unix.O_CLOEXEC, 0)
 	if errors.Is(err, unix.ENOENT) {
-		return nil, fmt.Errorf("%w: no ring %s (%s does not exist)", ErrServerGone, name, shmPath(name))
+		return nil, fmt.Errorf("%w: no ring %s (%s does not exist)", ErrServerGone, name, ShmPath(name))
 	}
 	if err != nil {
-		return nil, &os.PathError{Op: "open", Path: shmPath(name), Err: err}
+		return nil, &os.PathError{Op: "open", Path: ShmPath(name), Err: err}
 	}
 	defer unix.Close(fd)
 	var stat unix.Stat_t
 	if err := unix.Fstat(fd, &stat); err != nil {
-		return nil, &os.PathError{Op: "fstat", Path: shmPath(name), Err: err}
+		return nil, &os.PathError{Op: "fstat", Path: ShmPath(name), Err: err}
 	}
 	if stat.Size < HeaderSize {
 		return nil, errNotCreatedYet
 	}
 	mem, err := unix.Mmap(fd, 0, int(stat.Size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
 	if err != nil {
-		return nil, &os.PathError{Op: "mmap", Path: shmPath(name), Err: err}
+		return nil, &os.PathError{Op: "mmap", Path: ShmPath(name), Err: err}
 	}
 	r := &Ring{name: name, mem: mem, inode: stat.Ino, pid: uint32(os.Getpid()), dead: make(chan struct{})}
 	r.users.Store(1)
@@ -146,7 +146,7 @@ func mapRing(name string, cfg Config) (*Ring, error) {
 }
 
 func magicUnwritten(mem []byte) bool {
-	for _, b := range mem[headerMagicOffset : headerMagicOffset+len(Magic)] {
+	for _, b := range mem[HeaderMagicOffset : HeaderMagicOffset+len(Magic)] {
 		if b != 0 {
 			return false
 		}
@@ -158,15 +158,15 @@ func magicUnwritten(mem []byte) bool {
 // them all before it writes magic, so a missing one means it is gone.
 func (r *Ring) openObjects() error {
 	var err error
-	if r.lock, err = os.Open(lockPath(r.name)); err != nil {
+	if r.lock, err = os.Open(LockPath(r.name)); err != nil {
 		return r.goneIfMissing(err)
 	}
-	if r.requestSem, err = posixsem.Open(requestSemName(r.name)); err != nil {
+	if r.requestSem, err = posixsem.Open(RequestSemName(r.name)); err != nil {
 		return r.goneIfMissing(err)
 	}
 	r.slotSems = make([]*posixsem.Semaphore, r.geo.SlotCount)
 	for i := range r.slotSems {
-		if r.slotSems[i], err = posixsem.Open(slotSemName(r.name, i)); err != nil {
+		if r.slotSems[i], err = posixsem.Open(SlotSemName(r.name, i)); err != nil {
 			return r.goneIfMissing(err)
 		}
 	}
@@ -181,24 +181,24 @@ func (r *Ring) goneIfMissing(err error) error {
 }
 
 func (r *Ring) initSlots(cfg Config) {
-	r.serverState = atomicU32(r.mem, headerServerStateOffset)
-	r.doorbell = (*atomic.Uint64)(unsafe.Pointer(&r.mem[headerDoorbellOffset]))
+	r.serverState = atomicU32(r.mem, HeaderServerStateOffset)
+	r.doorbell = (*atomic.Uint64)(unsafe.Pointer(&r.mem[HeaderDoorbellOffset]))
 	r.slots = make([]slot, r.geo.SlotCount)
 	r.free = make(chan *slot, r.geo.SlotCount)
 	for i := range r.slots {
 		s := &r.slots[i]
 		s.index = i
 		s.mem = r.geo.slot(r.mem, i)
-		s.owner = atomicU32(s.mem, slotOwnerOffset)
-		s.reqSeq = atomicU32(s.mem, slotReqSeqOffset)
-		s.ackSeq = atomicU32(s.mem, slotAckSeqOffset)
-		s.cancelSeq = atomicU32(s.mem, slotCancelSeqOffset)
-		s.frameSeq = atomicU32(s.mem, slotFrameSeqOffset)
+		s.owner = atomicU32(s.mem, SlotOwnerOffset)
+		s.reqSeq = atomicU32(s.mem, SlotReqSeqOffset)
+		s.ackSeq = atomicU32(s.mem, SlotAckSeqOffset)
+		s.cancelSeq = atomicU32(s.mem, SlotCancelSeqOffset)
+		s.frameSeq = atomicU32(s.mem, SlotFrameSeqOffset)
 		s.sem = r.slotSems[i]
 		r.free <- s
 	}
-	r.waiter = waiter{spin: cfg.Spin, tick: cfg.LivenessInterval, spinners: new(atomic.Int32), maxSpinners: int32(cfg.MaxSpinners)}
-	r.reaperWaiter = waiter{tick: cfg.LivenessInterval}
+	r.waiter = NewWaiter(cfg.Spin, cfg.LivenessInterval, cfg.MaxSpinners)
+	r.reaperWaiter = NewWaiter(0, cfg.LivenessInterval, 0)
 }
 
 // atomicU32 views a 4-byte-aligned field of shared memory as an atomic.
@@ -244,14 +244,14 @@ func (r *Ring) checkAlive() error {
 		return r.markDead("its server died (the liveness lock is free)")
 	}
 	if !errors.Is(err, unix.EWOULDBLOCK) {
-		return fmt.Errorf("liveness probe on %s: %w", lockPath(r.name), err)
+		return fmt.Errorf("liveness probe on %s: %w", LockPath(r.name), err)
 	}
 	var stat unix.Stat_t
-	switch err := unix.Stat(shmPath(r.name), &stat); {
+	switch err := unix.Stat(ShmPath(r.name), &stat); {
 	case errors.Is(err, unix.ENOENT):
 		return r.markDead("its shared memory was unlinked")
 	case err != nil:
-		return &os.PathError{Op: "stat", Path: shmPath(r.name), Err: err}
+		return &os.PathError{Op: "stat", Path: ShmPath(r.name), Err: err}
 	case stat.Ino != r.inode:
 		return r.markDead("a new server replaced it")
 	}

@@ -5,9 +5,10 @@ package ring
 
 import "strconv"
 
-// Everything this package knows about the byte layout of a ring is in this
+// Everything the Go side knows about the byte layout of a ring is in this
 // file, next to the diagrams of spec section 7; shmserve/layout.py is its
-// Python twin and spec/vectors/ring.json keeps the two honest.
+// Python twin and spec/vectors/ring.json keeps the two honest. The names are
+// exported for ringtest, the Go server that the tests run against.
 //
 // Mapping (all offsets from the start of the shared memory):
 //
@@ -39,21 +40,21 @@ import "strconv"
 //	 +---------------+-----------------------------------------------+
 //	192-255 reserved                                                    line 3
 const (
-	headerMagicOffset        = 0  // [8]byte "SHMSRING"
-	headerVersionMajorOffset = 8  // u16
-	headerVersionMinorOffset = 10 // u16
-	headerSizeOffset         = 12 // u32
-	headerSlotCountOffset    = 16 // u32
-	headerSlotStrideOffset   = 20 // u32
-	headerReqCapacityOffset  = 24 // u32
-	headerRespCapacityOffset = 28 // u32
-	headerTotalSizeOffset    = 32 // u64
-	headerGenerationOffset   = 40 // u64
-	headerServerPIDOffset    = 48 // u32
-	headerFlagsOffset        = 52 // u32
-	headerServerStateOffset  = 64 // u32, a ServerState
-	headerHeartbeatOffset    = 72 // u64, CLOCK_MONOTONIC ns
-	headerDoorbellOffset     = 128
+	HeaderMagicOffset        = 0  // [8]byte "SHMSRING"
+	HeaderVersionMajorOffset = 8  // u16
+	HeaderVersionMinorOffset = 10 // u16
+	HeaderSizeOffset         = 12 // u32
+	HeaderSlotCountOffset    = 16 // u32
+	HeaderSlotStrideOffset   = 20 // u32
+	HeaderReqCapacityOffset  = 24 // u32
+	HeaderRespCapacityOffset = 28 // u32
+	HeaderTotalSizeOffset    = 32 // u64
+	HeaderGenerationOffset   = 40 // u64
+	HeaderServerPIDOffset    = 48 // u32
+	HeaderFlagsOffset        = 52 // u32
+	HeaderServerStateOffset  = 64 // u32, a ServerState
+	HeaderHeartbeatOffset    = 72 // u64, CLOCK_MONOTONIC ns
+	HeaderDoorbellOffset     = 128
 )
 
 // Slot, slot_stride bytes, starting on a 64-byte boundary:
@@ -71,20 +72,20 @@ const (
 //	| request data            | reply data                |
 //	+-------------------------+---------------------------+
 const (
-	slotOwnerOffset       = 0  // u32 pid, 0 = free; claimed by CAS
-	slotReqSeqOffset      = 4  // u32, the client's publish word
-	slotReqIDOffset       = 8  // u64
-	slotReqLenOffset      = 16 // u32
-	slotReqTypeOffset     = 20 // u8
-	slotAckSeqOffset      = 24 // u32
-	slotCancelSeqOffset   = 28 // u32
-	slotFrameSeqOffset    = 64 // u32, the server's publish word
-	slotFrameReqSeqOffset = 68 // u32
-	slotFrameReqIDOffset  = 72 // u64
-	slotFrameLenOffset    = 80 // u32
-	slotFrameTypeOffset   = 84 // u8
-	slotFrameFlagsOffset  = 85 // u8
-	slotDataOffset        = 128
+	SlotOwnerOffset       = 0  // u32 pid, 0 = free; claimed by CAS
+	SlotReqSeqOffset      = 4  // u32, the client's publish word
+	SlotReqIDOffset       = 8  // u64
+	SlotReqLenOffset      = 16 // u32
+	SlotReqTypeOffset     = 20 // u8
+	SlotAckSeqOffset      = 24 // u32
+	SlotCancelSeqOffset   = 28 // u32
+	SlotFrameSeqOffset    = 64 // u32, the server's publish word
+	SlotFrameReqSeqOffset = 68 // u32
+	SlotFrameReqIDOffset  = 72 // u64
+	SlotFrameLenOffset    = 80 // u32
+	SlotFrameTypeOffset   = 84 // u8
+	SlotFrameFlagsOffset  = 85 // u8
+	SlotDataOffset        = 128
 )
 
 const (
@@ -101,7 +102,7 @@ const (
 	// corrupt header cannot make a slot stride overflow 32 bits.
 	MaxCapacity = 1 << 30
 
-	frameFlagFinal = 1 << 0
+	FrameFlagFinal = 1 << 0
 )
 
 // ServerState is the header's server_state (section 7.1).
@@ -128,13 +129,14 @@ func (s ServerState) String() string {
 	return "UNKNOWN"
 }
 
-func align64(n uint64) uint64 { return (n + CacheLine - 1) &^ (CacheLine - 1) }
+// Align64 rounds n up to a whole number of cache lines.
+func Align64(n uint64) uint64 { return (n + CacheLine - 1) &^ (CacheLine - 1) }
 
-// Object names of section 6.
-func shmName(ring string) string        { return "/shmserve." + ring }
-func shmPath(ring string) string        { return "/dev/shm/shmserve." + ring }
-func requestSemName(ring string) string { return "/shmserve." + ring + ".req" }
-func slotSemName(ring string, slot int) string {
+// Object names of section 6: POSIX names for shm_open and sem_open, and the
+// paths under /dev/shm where Linux keeps them.
+func ShmPath(ring string) string        { return "/dev/shm/shmserve." + ring }
+func RequestSemName(ring string) string { return "/shmserve." + ring + ".req" }
+func SlotSemName(ring string, slot int) string {
 	return "/shmserve." + ring + ".s" + strconv.Itoa(slot)
 }
-func lockPath(ring string) string { return "/dev/shm/shmserve." + ring + ".lock" }
+func LockPath(ring string) string { return "/dev/shm/shmserve." + ring + ".lock" }

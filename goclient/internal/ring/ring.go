@@ -35,8 +35,8 @@ type Ring struct {
 	free chan *slot
 
 	nextReqID    atomic.Uint64
-	waiter       waiter
-	reaperWaiter waiter
+	waiter       *Waiter
+	reaperWaiter *Waiter
 
 	// users counts the calls and reapers using the mapping, plus one for
 	// the ring itself until Close; the mapping goes when it reaches 0.
@@ -151,10 +151,10 @@ func (r *Ring) publish(s *slot, typ protocol.MsgType, body []byte) (request, err
 	if _, err := s.sem.Drain(); err != nil {
 		return req, err
 	}
-	copy(s.mem[slotDataOffset:], body)
-	binary.LittleEndian.PutUint32(s.mem[slotReqLenOffset:], uint32(len(body)))
-	s.mem[slotReqTypeOffset] = byte(typ)
-	binary.LittleEndian.PutUint64(s.mem[slotReqIDOffset:], req.id)
+	copy(s.mem[SlotDataOffset:], body)
+	binary.LittleEndian.PutUint32(s.mem[SlotReqLenOffset:], uint32(len(body)))
+	s.mem[SlotReqTypeOffset] = byte(typ)
+	binary.LittleEndian.PutUint64(s.mem[SlotReqIDOffset:], req.id)
 	s.reqSeq.Store(req.seq)
 	return req, r.ringDoorbell()
 }
@@ -170,7 +170,7 @@ func (r *Ring) ringDoorbell() error {
 // receive consumes the frames of req until the FINAL one.
 func (r *Ring) receive(ctx context.Context, req request, onFrame func(Frame) error) error {
 	for {
-		frame, err := r.nextFrame(ctx, &r.waiter, &req)
+		frame, err := r.nextFrame(ctx, r.waiter, &req)
 		if err != nil {
 			if ctxErr := ctx.Err(); ctxErr != nil && errors.Is(err, ctxErr) {
 				r.cancel(req)
@@ -196,14 +196,14 @@ func (r *Ring) receive(ctx context.Context, req request, onFrame func(Frame) err
 // nextFrame waits for the next frame of req and validates it. On a
 // validation failure the slot is given up without being released: the server
 // may still write there.
-func (r *Ring) nextFrame(ctx context.Context, w *waiter, req *request) (Frame, error) {
+func (r *Ring) nextFrame(ctx context.Context, w *Waiter, req *request) (Frame, error) {
 	s := req.slot
 	seq := req.lastFrame
 	changed := func() bool {
 		seq = s.frameSeq.Load()
 		return seq != req.lastFrame
 	}
-	if err := w.await(ctx, s.sem, changed, r.checkAlive); err != nil {
+	if err := w.Await(ctx, s.sem, changed, r.checkAlive); err != nil {
 		return Frame{}, err
 	}
 	req.lastFrame = seq
@@ -260,7 +260,7 @@ func (r *Ring) cancel(req request) {
 func (r *Ring) reap(req request) {
 	defer r.releaseUser()
 	for {
-		frame, err := r.nextFrame(context.Background(), &r.reaperWaiter, &req)
+		frame, err := r.nextFrame(context.Background(), r.reaperWaiter, &req)
 		if err != nil {
 			return
 		}

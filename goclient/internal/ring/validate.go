@@ -59,17 +59,17 @@ func ValidateHeader(b []byte, mappingSize int) (Geometry, error) {
 	if len(b) < HeaderSize {
 		return Geometry{}, invalid(BadGeometry, "mapping of %d bytes is smaller than the %d-byte header", len(b), HeaderSize)
 	}
-	if string(b[headerMagicOffset:headerMagicOffset+len(Magic)]) != Magic {
+	if string(b[HeaderMagicOffset:HeaderMagicOffset+len(Magic)]) != Magic {
 		return Geometry{}, invalid(BadMagic, "not a shmserve ring, or not created yet (magic %q)", b[:len(Magic)])
 	}
-	if major := binary.LittleEndian.Uint16(b[headerVersionMajorOffset:]); major != VersionMajor {
+	if major := binary.LittleEndian.Uint16(b[HeaderVersionMajorOffset:]); major != VersionMajor {
 		return Geometry{}, invalid(BadVersion, "ring layout version %d, this client speaks %d", major, VersionMajor)
 	}
 	u32 := func(offset int) uint64 { return uint64(binary.LittleEndian.Uint32(b[offset:])) }
-	if size := u32(headerSizeOffset); size != HeaderSize {
+	if size := u32(HeaderSizeOffset); size != HeaderSize {
 		return Geometry{}, invalid(BadGeometry, "header_size %d, want %d", size, HeaderSize)
 	}
-	slots, reqCapacity, respCapacity := u32(headerSlotCountOffset), u32(headerReqCapacityOffset), u32(headerRespCapacityOffset)
+	slots, reqCapacity, respCapacity := u32(HeaderSlotCountOffset), u32(HeaderReqCapacityOffset), u32(HeaderRespCapacityOffset)
 	if slots < MinSlots || slots > MaxSlots {
 		return Geometry{}, invalid(BadGeometry, "slot_count %d outside %d..%d", slots, MinSlots, MaxSlots)
 	}
@@ -79,27 +79,27 @@ func ValidateHeader(b []byte, mappingSize int) (Geometry, error) {
 	if err := checkCapacity("resp_capacity", respCapacity, MinRespCapacity); err != nil {
 		return Geometry{}, err
 	}
-	stride := align64(slotDataOffset + reqCapacity + respCapacity)
-	if got := u32(headerSlotStrideOffset); got != stride {
+	stride := Align64(SlotDataOffset + reqCapacity + respCapacity)
+	if got := u32(HeaderSlotStrideOffset); got != stride {
 		return Geometry{}, invalid(BadGeometry, "slot_stride %d, the capacities imply %d", got, stride)
 	}
 	total := HeaderSize + slots*stride
-	if got := binary.LittleEndian.Uint64(b[headerTotalSizeOffset:]); got != total || got != uint64(mappingSize) {
+	if got := binary.LittleEndian.Uint64(b[HeaderTotalSizeOffset:]); got != total || got != uint64(mappingSize) {
 		return Geometry{}, invalid(BadGeometry, "total_size %d, the geometry implies %d, the mapping is %d bytes", got, total, mappingSize)
 	}
-	generation := binary.LittleEndian.Uint64(b[headerGenerationOffset:])
+	generation := binary.LittleEndian.Uint64(b[HeaderGenerationOffset:])
 	if generation == 0 {
 		return Geometry{}, invalid(BadGeometry, "generation is 0")
 	}
 	return Geometry{
-		VersionMinor: binary.LittleEndian.Uint16(b[headerVersionMinorOffset:]),
+		VersionMinor: binary.LittleEndian.Uint16(b[HeaderVersionMinorOffset:]),
 		SlotCount:    int(slots),
 		SlotStride:   int(stride),
 		ReqCapacity:  int(reqCapacity),
 		RespCapacity: int(respCapacity),
 		TotalSize:    int(total),
 		Generation:   generation,
-		ServerPID:    binary.LittleEndian.Uint32(b[headerServerPIDOffset:]),
+		ServerPID:    binary.LittleEndian.Uint32(b[HeaderServerPIDOffset:]),
 	}, nil
 }
 
@@ -126,23 +126,23 @@ type Frame struct {
 // for its reply. seq is the frame_seq the caller loaded before calling, so the
 // fields read here are the ones that publish made visible.
 func ValidateFrame(slot []byte, g Geometry, seq, reqSeq uint32, reqID uint64) (Frame, error) {
-	if len(slot) < g.SlotStride || g.SlotStride < slotDataOffset+g.ReqCapacity+g.RespCapacity {
+	if len(slot) < g.SlotStride || g.SlotStride < SlotDataOffset+g.ReqCapacity+g.RespCapacity {
 		return Frame{}, invalid(BadGeometry, "slot of %d bytes cannot hold stride %d", len(slot), g.SlotStride)
 	}
-	if got := binary.LittleEndian.Uint32(slot[slotFrameReqSeqOffset:]); got != reqSeq {
+	if got := binary.LittleEndian.Uint32(slot[SlotFrameReqSeqOffset:]); got != reqSeq {
 		return Frame{}, invalid(Misrouted, "frame answers req_seq %d, the request was %d", got, reqSeq)
 	}
-	if got := binary.LittleEndian.Uint64(slot[slotFrameReqIDOffset:]); got != reqID {
+	if got := binary.LittleEndian.Uint64(slot[SlotFrameReqIDOffset:]); got != reqID {
 		return Frame{}, invalid(Misrouted, "frame answers req_id %d, the request was %d", got, reqID)
 	}
-	length := binary.LittleEndian.Uint32(slot[slotFrameLenOffset:])
+	length := binary.LittleEndian.Uint32(slot[SlotFrameLenOffset:])
 	if uint64(length) > uint64(g.RespCapacity) {
 		return Frame{}, invalid(CorruptRecord, "frame_len %d exceeds resp_capacity %d", length, g.RespCapacity)
 	}
 	frame := Frame{
 		Seq:   seq,
-		Type:  protocol.MsgType(slot[slotFrameTypeOffset]),
-		Final: slot[slotFrameFlagsOffset]&frameFlagFinal != 0,
+		Type:  protocol.MsgType(slot[SlotFrameTypeOffset]),
+		Final: slot[SlotFrameFlagsOffset]&FrameFlagFinal != 0,
 	}
 	switch {
 	case !frame.Type.IsReply():
@@ -152,7 +152,7 @@ func ValidateFrame(slot []byte, g Geometry, seq, reqSeq uint32, reqID uint64) (F
 	case frame.Type == protocol.TypeStreamEnd && !frame.Final:
 		return Frame{}, invalid(CorruptRecord, "a STREAM_END frame is always FINAL")
 	}
-	dataStart := slotDataOffset + g.ReqCapacity
+	dataStart := SlotDataOffset + g.ReqCapacity
 	frame.Data = slot[dataStart : dataStart+int(length) : dataStart+int(length)]
 	return frame, nil
 }

@@ -17,27 +17,34 @@ import (
 // It also paces the clock reads: time.Now costs ~65 ns, one poll ~1 ns.
 const pollsPerYield = 256
 
-// waiter implements the wait of spec section 10: spin on a publish word for
+// Waiter implements the wait of spec section 10: spin on a publish word for
 // a bounded time, then block on its semaphore in timed waits, checking
 // between waits that the other side still lives. Both directions of the ring
-// use it: the client waiting for frames, and the test server waiting for the
-// doorbell.
-type waiter struct {
+// use it: the client waiting for frames, and ringtest's server waiting for
+// the doorbell.
+type Waiter struct {
 	// spin is the budget for polling before blocking; 0 blocks at once.
 	spin time.Duration
 	// tick bounds each blocking wait, so liveness is checked at least this often.
 	tick time.Duration
 	// spinners counts goroutines of this process spinning now, and
 	// maxSpinners caps them: each spinner holds a CPU, and the server needs one.
-	spinners    *atomic.Int32
+	spinners    atomic.Int32
 	maxSpinners int32
 }
 
-// await returns nil once changed reports true. It returns ctx's error when ctx
+// NewWaiter returns a Waiter that spins for at most spin (with at most
+// maxSpinners goroutines spinning at once through it), then blocks in waits
+// of at most tick.
+func NewWaiter(spin, tick time.Duration, maxSpinners int) *Waiter {
+	return &Waiter{spin: spin, tick: tick, maxSpinners: int32(maxSpinners)}
+}
+
+// Await returns nil once changed reports true. It returns ctx's error when ctx
 // ends first, and the error of alive when that reports the other side gone
 // (alive runs after every wait that timed out). Tokens on sem only mean "look
 // again", so spurious wake-ups are harmless.
-func (w *waiter) await(ctx context.Context, sem *posixsem.Semaphore, changed func() bool, alive func() error) error {
+func (w *Waiter) Await(ctx context.Context, sem *posixsem.Semaphore, changed func() bool, alive func() error) error {
 	if changed() {
 		return nil
 	}
@@ -76,7 +83,7 @@ func (w *waiter) await(ctx context.Context, sem *posixsem.Semaphore, changed fun
 
 // spinUntil polls changed for at most the spin budget and reports whether it
 // saw the change. It spins only while fewer than maxSpinners goroutines do.
-func (w *waiter) spinUntil(ctx context.Context, changed func() bool) bool {
+func (w *Waiter) spinUntil(ctx context.Context, changed func() bool) bool {
 	if w.spin <= 0 {
 		return false
 	}
