@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
-from shmserve.protocol import IMAGE_BYTES, ErrorCode, ProtocolError
+from shmserve.models import Model
+from shmserve.protocol import IMAGE_BYTES, ErrorCode, MsgType, ProtocolError, encode_scores
 
 LABELS: tuple[str, ...] = ("airplane", "automobile", "bird", "cat", "deer",
                            "dog", "frog", "horse", "ship", "truck")
@@ -154,3 +155,48 @@ def _describe(value: object) -> str:
     if isinstance(value, np.ndarray):
         return f"{value.dtype}{value.shape}"
     return type(value).__name__
+
+
+class CifarModel(Model):
+    """Serves CLASSIFY (label text), CLASSIFY_SCORES and CLASSIFY_BATCH.
+
+    Every request the dispatcher hands over in one call becomes ONE forward pass: the
+    images are gathered straight from the transport's buffers (ring slots) into the
+    interpreter's input tensor, then the rows are split back per request.
+    """
+
+    name = "cifar"
+    handles = frozenset({MsgType.CLASSIFY, MsgType.CLASSIFY_SCORES, MsgType.CLASSIFY_BATCH})
+    _LABEL_BYTES = tuple(label.encode() for label in LABELS)
+
+    def __init__(self, classifier: CifarClassifier, warm_batches: tuple[int, ...] = (1, 2, 4, 8)):
+        self.classifier = classifier
+        self.warm_batches = warm_batches
+
+    def describe(self) -> dict:
+        return {"model": self.name, "path": str(self.classifier.path),
+                "threads": self.classifier.num_threads}
+
+    def warmup(self) -> None:
+        self.classifier.warmup(self.warm_batches)
+
+    def handle(self, requests) -> None:
+        if len(requests) == 1:
+            images = requests[0].images()
+        else:
+            images = np.concatenate([request.images() for request in requests])
+        probabilities = self.classifier.predict(images)
+        row = 0
+        for request in requests:
+            count = len(request.body) // IMAGE_BYTES
+            rows = probabilities[row:row + count]
+            row += count
+            if request.msg_type == MsgType.CLASSIFY:
+                request.reply(MsgType.CLASSIFY, self._LABEL_BYTES[int(rows[0].argmax())])
+            else:
+                request.reply(request.msg_type, encode_scores(rows))
+
+
+def build(args) -> Model:
+    classifier = CifarClassifier(args.model_path or DEFAULT_MODEL_PATH, num_threads=args.threads)
+    return CifarModel(classifier)
