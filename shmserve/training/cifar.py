@@ -190,13 +190,13 @@ def export_litert(model: keras.Model, path: str | PathLike[str]) -> Path:
 def train(data_dir: str | PathLike[str], epochs: int, out_path: str | PathLike[str], *,
           val_fraction: float = 0.1, batch_size: int = 64, seed: int = 0,
           limit: int | None = None, augment: bool = True) -> dict:
-    """Train on ``data_dir`` (see ``load_dataset``), holding out a seeded
-    ``val_fraction``, and write next to ``out_path`` (a ``.keras``/``.tflite``
-    suffix is dropped):
+    """Train on ``data_dir`` (see ``load_dataset``; ``limit`` caps images per
+    class), holding out a seeded ``val_fraction``, and write next to
+    ``out_path`` (a ``.keras``/``.tflite`` suffix is dropped):
 
     - ``<out>.keras``: the trained Keras model (logits),
     - ``<out>.tflite``: the serving model (see ``export_litert``),
-    - ``<out>.metrics.json``: the returned metrics.
+    - ``<out>.metrics.json``: the metrics, also returned (with the three paths added).
 
     ``tflite_val_accuracy`` is measured through ``CifarClassifier`` on the
     exported file, so it checks the artifact that is served, not just Keras.
