@@ -7,16 +7,19 @@ thread through ``_outbox`` and wake it with the request semaphore.
 from __future__ import annotations
 
 import collections
+import errno
 import fcntl
 import glob
 import logging
 import mmap
 import os
 import platform
+import re
 import secrets
 import struct
 import threading
 import time
+from threading import get_ident
 
 import numpy as np
 import posix_ipc
@@ -36,6 +39,21 @@ assert L.S_REQ_ID + 8 == L.S_REQ_LEN and L.S_REQ_LEN + 4 == L.S_REQ_TYPE
 
 DEAD_CLIENT_CHECK_S = 1.0
 _U32 = 0xFFFFFFFF
+# Payload types that are already flat bytes; anything else (numpy arrays) is cast once.
+_FLAT_BUFFERS = (bytes, bytearray, memoryview)
+_PID_MAX = 0x7FFFFFFF  # pid_t is a signed 32-bit integer
+
+
+def _wake(sem: posix_ipc.Semaphore) -> None:
+    """sem_post as the wake-up hint it is. A count already at SEM_VALUE_MAX (anyone who can
+    write the ring can also set it: the semaphore is a file beside it with the same mode)
+    fails with EOVERFLOW; it has tokens enough to wake its waiter, and the exception would
+    end the ring loop or skip the unlinks at stop."""
+    try:
+        sem.release()
+    except OSError as exc:
+        if exc.errno != errno.EOVERFLOW:
+            raise
 
 
 class RingInUseError(RuntimeError):
@@ -76,7 +94,11 @@ class RingObjects:
         return fd
 
     def _sem_files(self) -> list[str]:
-        return glob.glob(os.path.join(self.shm_dir, glob.escape(f"sem.shmserve.{self.name}.") + "*"))
+        # Exactly this ring's names: a bare "NAME.*" would also match the semaphores of a
+        # live ring named "NAME.x" (names may contain dots) and unlink them.
+        own = re.compile(re.escape(f"sem.shmserve.{self.name}.") + r"(req|s(0|[1-9][0-9]*))")
+        pattern = os.path.join(self.shm_dir, glob.escape(f"sem.shmserve.{self.name}.") + "*")
+        return [path for path in glob.glob(pattern) if own.fullmatch(os.path.basename(path))]
 
     def _remove_stale(self) -> None:
         """Holding the lock proves any object under this name belongs to a dead server."""
@@ -132,7 +154,7 @@ class RingObjects:
         self.set_state(L.ServerState.STOPPED)
         self.mm.close()
         for sem in self.slot_sems:
-            sem.release()
+            _wake(sem)
         for sem in [self.request_sem, *self.slot_sems]:
             sem.close()
         for path in self._sem_files():
@@ -194,6 +216,7 @@ class ShmTransport:
         self._u32 = self._mv.cast("I")
         self._u64 = self._mv.cast("Q")
         self._doorbell_index = L.H_DOORBELL // 8
+        self._slot_sems = self.objects.slot_sems
         stride = g.slot_stride
 
         def column(offset):
@@ -230,7 +253,7 @@ class ShmTransport:
 
     def stop(self) -> None:
         self._stop.set()
-        self.objects.request_sem.release()
+        _wake(self.objects.request_sem)
         self._thread.join()
         self.objects.set_state(L.ServerState.STOPPED)
         self._release_views()
@@ -300,7 +323,8 @@ class ShmTransport:
         return True
 
     def _serve_ready_slots(self) -> None:
-        ready = np.flatnonzero(self._req_seq != self._served)
+        # (a != b).nonzero() is ~2x cheaper than np.flatnonzero on 64 slots (notes).
+        ready = (self._req_seq != self._served).nonzero()[0]
         if not len(ready):
             return
         requests = self._read_requests(ready[:self.max_batch])
@@ -325,7 +349,7 @@ class ShmTransport:
             if self._u64[self._doorbell_index] == bell:
                 continue
             bell = self._u64[self._doorbell_index]
-            ready = np.flatnonzero(self._req_seq != self._served)
+            ready = (self._req_seq != self._served).nonzero()[0]
             more = self._read_requests(ready[:room])
             gathered += more
             room -= len(more)
@@ -334,13 +358,15 @@ class ShmTransport:
     def _read_requests(self, slots) -> list:
         requests = []
         u32, mm, capacity = self._u32, self.objects.mm, self.geometry.req_capacity
+        reply_capacity = self.geometry.resp_capacity
         for slot in slots.tolist():
             base = self._slot_base[slot]
             seq = u32[(base + L.S_REQ_SEQ) >> 2]
             # Read each field once, then validate: a hostile writer may change them later.
             req_id, length, msg_type = _REQUEST_FIELDS.unpack_from(mm, base + L.S_REQ_ID)
             self._served[slot] = seq
-            self._queued[slot].clear()
+            if self._queued[slot]:  # a new request supersedes what the client never acked
+                self._queued[slot].clear()
             self._awaiting_ack.discard(slot)
             problem = L.check_request_record(u32[(base + L.S_OWNER) >> 2], length, capacity)
             if problem:
@@ -348,6 +374,12 @@ class ShmTransport:
                     ErrorCode.CORRUPT_RECORD, problem)
                 continue
             offset = base + L.S_DATA
+            if msg_type == MsgType.ECHO and length <= reply_capacity and not self._stopping:
+                # Echo needs no model and no Request object: answering it here halves the
+                # server's per-message cost, which is what bounds ring throughput.
+                self._publish(slot, seq, req_id, MsgType.ECHO, self._mv[offset:offset + length],
+                              True)
+                continue
             requests.append(RingRequest(self, slot, seq, req_id, msg_type,
                                         self._mv[offset:offset + length]))
         return requests
@@ -359,16 +391,15 @@ class ShmTransport:
 
     # -- replies -----------------------------------------------------------------------------
     def send(self, request: RingRequest, msg_type: int, payload, final: bool) -> None:
-        if threading.get_ident() != self._thread_id:
+        if get_ident() != self._thread_id:
             self._outbox.append((request, msg_type, payload, final))
             if self.objects.request_sem.value == 0:
-                self.objects.request_sem.release()
+                _wake(self.objects.request_sem)
             return
         self._enqueue_frames(request, msg_type, payload, final)
 
     def _enqueue_frames(self, request: RingRequest, msg_type: int, payload, final: bool) -> None:
-        data = memoryview(payload).cast("B") if not isinstance(payload, (bytes, bytearray)) \
-            else payload
+        data = payload if type(payload) in _FLAT_BUFFERS else memoryview(payload).cast("B")
         capacity = self.geometry.resp_capacity
         queue = self._queued[request.slot]
         if len(data) <= capacity and not queue and request.slot not in self._awaiting_ack:
@@ -386,21 +417,23 @@ class ShmTransport:
             self._write_frame(*queue.popleft())
 
     def _write_frame(self, request: RingRequest, msg_type: int, data, final: bool) -> None:
-        slot = request.slot
+        self._publish(request.slot, request.seq, request.req_id, msg_type, data, final)
+
+    def _publish(self, slot: int, seq: int, req_id: int, msg_type: int, data, final: bool) -> None:
+        """Section 9 steps 1-3: data and fields, then the frame_seq store, then the post."""
         base = self._slot_base[slot]
         offset = base + L.S_DATA + self.geometry.req_capacity
         n = len(data)
         self._mv[offset:offset + n] = data
-        _FRAME_FIELDS.pack_into(self.objects.mm, base + L.S_FRAME_REQ_SEQ, request.seq,
-                                request.req_id, n, msg_type, L.FRAME_FLAG_FINAL if final else 0)
+        _FRAME_FIELDS.pack_into(self.objects.mm, base + L.S_FRAME_REQ_SEQ, seq, req_id, n,
+                                msg_type, L.FRAME_FLAG_FINAL if final else 0)
         index = (base + L.S_FRAME_SEQ) >> 2
         self._u32[index] = (self._u32[index] + 1) & _U32  # publish, after data and fields
-        if final:
-            self._awaiting_ack.discard(slot)
-            self._open_requests.pop(slot, None)
-        else:
+        if not final:
             self._awaiting_ack.add(slot)
-        self.objects.slot_sems[slot].release()
+        elif self._open_requests:
+            self._open_requests.pop(slot, None)
+        _wake(self._slot_sems[slot])
 
     def _drain_outbox(self) -> None:
         while self._outbox:
@@ -438,13 +471,16 @@ class ShmTransport:
     def _reclaim_dead_clients(self) -> None:
         for slot in np.flatnonzero(self._owner).tolist():
             pid = int(self._owner[slot])
-            try:
-                os.kill(pid, 0)
-                continue
-            except ProcessLookupError:
-                pass
-            except PermissionError:  # alive, another user's
-                continue
+            # An owner word beyond pid_t (a hostile or torn write) names no process, and
+            # os.kill would raise OverflowError and end the ring loop.
+            if pid <= _PID_MAX:
+                try:
+                    os.kill(pid, 0)
+                    continue
+                except ProcessLookupError:
+                    pass
+                except PermissionError:  # alive, another user's
+                    continue
             request = self._open_requests.pop(slot, None)
             if request is not None:
                 request.cancel_flag = True
