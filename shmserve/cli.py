@@ -98,7 +98,10 @@ def _serve(args) -> int:
             transport.set_ready()
             ready.update(transport.describe())
         print(json.dumps(ready), flush=True)
-        stop.wait()
+        # A timed wait: a signal that lands on another thread only sets the flag, and an
+        # untimed Event.wait in the main thread would then never look at it again.
+        while not stop.wait(0.5):
+            pass
         log.info("stopping")
     finally:
         for transport in reversed(started):

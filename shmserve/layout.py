@@ -113,13 +113,14 @@ class LayoutError(ValueError):
         self.name = name
 
 
-_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
+# No dots: "shmserve.NAME.lock" of ring NAME must never be the shared memory of a ring
+# named "NAME.lock".
+_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def check_name(name: str) -> str:
     if not _NAME_RE.fullmatch(name):
-        raise ValueError(f"ring name {name!r} must be 1-64 characters of [A-Za-z0-9_.-], "
-                         "not starting with '.'")
+        raise ValueError(f"ring name {name!r} must be 1-64 characters of [A-Za-z0-9_-]")
     return name
 
 

@@ -27,8 +27,8 @@ func AppendScoreRecord(dst []byte, s Scores) []byte {
 }
 
 // DecodeScoreRecords decodes a reply of back-to-back ScoreRecords. A record
-// whose class index names no class is a protocol violation: the label lookup
-// would otherwise fail far from its cause.
+// whose class index names no class, or whose padding is not zero, is a
+// protocol violation: a label lookup would otherwise fail far from its cause.
 func DecodeScoreRecords(body []byte) ([]Scores, error) {
 	if len(body)%ScoreRecordBytes != 0 {
 		return nil, fmt.Errorf("%w: %d bytes is not a whole number of %d-byte ScoreRecords",
@@ -39,6 +39,9 @@ func DecodeScoreRecords(body []byte) ([]Scores, error) {
 		record := body[i*ScoreRecordBytes : (i+1)*ScoreRecordBytes]
 		if int(record[0]) >= ClassCount {
 			return nil, fmt.Errorf("%w: ScoreRecord %d has class index %d", ErrProtocolViolation, i, record[0])
+		}
+		if record[1]|record[2]|record[3] != 0 {
+			return nil, fmt.Errorf("%w: ScoreRecord %d has non-zero padding", ErrProtocolViolation, i)
 		}
 		records[i].Index = int(record[0])
 		for class := range records[i].Probabilities {
@@ -96,26 +99,41 @@ func DecodeErrorBody(body []byte) (*Error, error) {
 	}, nil
 }
 
-// CheckRequest applies the body rules of section 3 to a request before it is
-// sent, so that every transport fails a malformed request the same way the
-// server would, without a round trip.
-func CheckRequest(typ MsgType, body []byte) error {
+// CheckRequestLength applies the type and body-size rules of section 3, the
+// checks a server can make before it reads a body.
+func CheckRequestLength(typ MsgType, length int) error {
 	switch typ {
 	case TypeEcho:
 		return nil
 	case TypeClassify, TypeClassifyScores:
-		if len(body) != ImageBytes {
-			return newError(CodeBadLength, "%v needs a %d-byte planar RGB 32x32 image, got %d bytes", typ, ImageBytes, len(body))
+		if length != ImageBytes {
+			return newError(CodeBadLength, "%v needs a %d-byte planar RGB 32x32 image, got %d bytes", typ, ImageBytes, length)
 		}
 		return nil
 	case TypeClassifyBatch:
-		if len(body)%ImageBytes != 0 || len(body) == 0 || len(body) > MaxBatchImages*ImageBytes {
-			return newError(CodeBadLength, "CLASSIFY_BATCH needs 1..%d images of %d bytes, got %d bytes", MaxBatchImages, ImageBytes, len(body))
+		if length%ImageBytes != 0 || length == 0 || length > MaxBatchImages*ImageBytes {
+			return newError(CodeBadLength, "CLASSIFY_BATCH needs 1..%d images of %d bytes, got %d bytes", MaxBatchImages, ImageBytes, length)
 		}
 		return nil
 	case TypePrompt, TypePromptStream:
+		if length < 4 {
+			return newError(CodeBadLength, "%v body of %d bytes is shorter than its 4-byte max_new_tokens", typ, length)
+		}
+		return nil
+	}
+	return newError(CodeUnknownType, "type 0x%02x is not a request type", uint8(typ))
+}
+
+// CheckRequest applies every body rule of section 3 to a request, so that a
+// client fails a malformed request the way the server would, without a
+// round trip.
+func CheckRequest(typ MsgType, body []byte) error {
+	if err := CheckRequestLength(typ, len(body)); err != nil {
+		return err
+	}
+	if typ == TypePrompt || typ == TypePromptStream {
 		_, err := DecodePromptRequest(body)
 		return err
 	}
-	return newError(CodeUnknownType, "type 0x%02x is not a request type", uint8(typ))
+	return nil
 }

@@ -47,16 +47,6 @@ func (c Code) String() string {
 	return fmt.Sprintf("CODE_%d", uint16(c))
 }
 
-// CodeByName maps a section-4 name back to its code.
-func CodeByName(name string) (Code, bool) {
-	for code, n := range codeNames {
-		if n == name {
-			return code, true
-		}
-	}
-	return 0, false
-}
-
 // Error is a typed protocol error: what a server sent in an ERROR reply, or
 // what this package found wrong with a packet or body before sending it.
 type Error struct {

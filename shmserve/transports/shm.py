@@ -38,9 +38,11 @@ _REQUEST_FIELDS = struct.Struct("<QIB")  # req_id, req_len, req_type
 assert L.S_REQ_ID + 8 == L.S_REQ_LEN and L.S_REQ_LEN + 4 == L.S_REQ_TYPE
 
 DEAD_CLIENT_CHECK_S = 1.0
+LOCK_RETRY_S = 0.2
 _U32 = 0xFFFFFFFF
 # Payload types that are already flat bytes; anything else (numpy arrays) is cast once.
 _FLAT_BUFFERS = (bytes, bytearray, memoryview)
+_TEXT_TYPES = frozenset({MsgType.CLASSIFY, MsgType.PROMPT, MsgType.STREAM_CHUNK})
 _PID_MAX = 0x7FFFFFFF  # pid_t is a signed 32-bit integer
 
 
@@ -84,12 +86,20 @@ class RingObjects:
     def _take_lock(self) -> int:
         path = L.lock_path(self.name, self.shm_dir)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, self.mode)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise RingInUseError(f"ring {self.name!r} is served by another live process "
-                                 f"(it holds {path}); pick another --name") from None
+        # Clients probe liveness with a brief shared lock (section 11); retry for a moment so
+        # a probe that happens to overlap a restart is not mistaken for a live server.
+        deadline = time.monotonic() + LOCK_RETRY_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.005)
+                    continue
+                os.close(fd)
+                raise RingInUseError(f"ring {self.name!r} is served by another live process "
+                                     f"(it holds {path}); pick another --name") from None
         os.fchmod(fd, self.mode)
         return fd
 
@@ -320,6 +330,10 @@ class ShmTransport:
                 self.objects.request_sem.acquire(L.HEARTBEAT_INTERVAL_S)
             except posix_ipc.BusyError:
                 return False
+            except posix_ipc.SignalError:
+                # sem_timedwait returns EINTR after SIGSTOP/SIGCONT even without a handler;
+                # a token only means "look again", so look again.
+                continue
         return True
 
     def _serve_ready_slots(self) -> None:
@@ -406,9 +420,18 @@ class ShmTransport:
             self._write_frame(request, msg_type, data, final)
             return
         # Longer than one frame: consecutive frames of the same type, FINAL on the last.
-        for start in range(0, max(len(data), 1), capacity):
-            end = start + capacity
+        # Text frames end on a code point boundary (section 3: a chunk never splits one).
+        text = msg_type in _TEXT_TYPES
+        start = 0
+        while True:
+            end = min(start + capacity, len(data))
+            if text and end < len(data):
+                while end > start + 1 and data[end] & 0xC0 == 0x80:  # a continuation byte
+                    end -= 1
             queue.append((request, msg_type, bytes(data[start:end]), final and end >= len(data)))
+            start = end
+            if start >= len(data):
+                break
         self._flush_queue(request.slot)
 
     def _flush_queue(self, slot: int) -> None:

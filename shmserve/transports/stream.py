@@ -2,17 +2,24 @@
 or TCP socket, one thread per connection, one request at a time per connection."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
 import stat
 import threading
+import time
 
 from ..dispatch import Request
 from ..protocol import (MAX_PACKET_BODY, PACKET_HEADER, PACKET_LENGTH, ErrorCode, FramingError,
                         MsgType, check_packet_length, encode_error)
 
 log = logging.getLogger("shmserve.stream")
+
+_FIRST_READ = 64 * 1024
+_ACCEPT_RETRY = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED,
+                 errno.EPROTO, errno.EINTR}
+_ACCEPT_BACKOFF_S = 0.05
 
 
 class StreamRequest(Request):
@@ -40,6 +47,7 @@ class Connection:
         self.transport = transport
         self.closed = False
         self._send_lock = threading.Lock()
+        self._packet_deadline: float | None = None
 
     def send_packet(self, msg_type: int, payload) -> None:
         header = PACKET_HEADER.pack(len(payload) + 1, msg_type)
@@ -50,29 +58,42 @@ class Connection:
                 self.sock.sendall(header)
                 self.sock.sendall(payload)
 
-    def _read_exact(self, n: int, first_byte_timeout, eof_ok: bool = False) -> bytearray | None:
-        """n bytes; None on a clean EOF before the first byte when ``eof_ok``. The packet
-        timeout applies once a packet has started, so a slow-loris client cannot hold a half
-        packet forever."""
-        buf = bytearray(n)
-        view = memoryview(buf)
+    def _read_exact(self, n: int, eof_ok: bool = False) -> bytearray | None:
+        """n bytes; None on a clean EOF before a packet's first byte when ``eof_ok``.
+
+        A packet's first byte starts its clock: the whole packet must arrive within the packet
+        timeout however its bytes are spaced, so a slow-loris client cannot hold a thread with
+        one byte per interval. The buffer grows with the bytes that arrive, not with the
+        length a peer announces: 1024 peers announcing 16 MiB each would otherwise cost
+        16 GiB before sending anything."""
+        buf = bytearray(min(n, _FIRST_READ))
         got = 0
-        self.sock.settimeout(first_byte_timeout)
         while got < n:
-            count = self.sock.recv_into(view[got:])
+            if self._packet_deadline is None:
+                self.sock.settimeout(self.transport.idle_timeout)
+            else:
+                remaining = self._packet_deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"packet incomplete after {self.transport.packet_timeout} s")
+                self.sock.settimeout(remaining)
+            if got == len(buf):
+                buf += bytes(min(got, n - got))
+            count = self.sock.recv_into(memoryview(buf)[got:])
             if not count:
                 if got == 0 and eof_ok:
                     return None
                 raise ConnectionError(f"peer closed mid-packet after {got} of {n} bytes")
+            if self._packet_deadline is None:
+                self._packet_deadline = time.monotonic() + self.transport.packet_timeout
             got += count
-            self.sock.settimeout(self.transport.packet_timeout)
         return buf
 
     def serve(self) -> None:
         transport = self.transport
         try:
             while not transport.stopping:
-                prefix = self._read_exact(4, transport.idle_timeout, eof_ok=True)
+                self._packet_deadline = None
+                prefix = self._read_exact(4, eof_ok=True)
                 if prefix is None:
                     return
                 (length,) = PACKET_LENGTH.unpack(prefix)
@@ -80,9 +101,11 @@ class Connection:
                     check_packet_length(length, transport.max_body)
                 except FramingError as exc:
                     code = ErrorCode.TOO_LARGE if exc.name == "TOO_LARGE" else ErrorCode.BAD_LENGTH
+                    self.sock.settimeout(transport.packet_timeout)
                     self.send_packet(MsgType.ERROR, encode_error(code, str(exc)))
                     return  # the stream cannot be resynchronised: section 5
-                packet = self._read_exact(length, transport.packet_timeout)
+                packet = self._read_exact(length)
+                self.sock.settimeout(transport.packet_timeout)  # the limit on sending the reply
                 request = StreamRequest(self, packet[0], memoryview(packet)[1:])
                 transport.dispatcher.dispatch([request])
                 request.finished.wait()
@@ -119,11 +142,21 @@ class StreamTransport:
         """Sockets are ready once listening."""
 
     def _accept_loop(self) -> None:
+        starved = False
         while not self.stopping:
             try:
                 client, _ = self.sock.accept()
-            except OSError:
-                return  # listening socket closed by stop()
+            except OSError as exc:
+                if self.stopping or exc.errno not in _ACCEPT_RETRY:
+                    return  # listening socket closed by stop()
+                # Out of descriptors or memory (a connection flood): the pending peers wait
+                # in the backlog until some close; returning would stop serving for good.
+                if not starved:
+                    log.warning("accept failed (%s); retrying until it works", exc.strerror)
+                starved = True
+                time.sleep(_ACCEPT_BACKOFF_S)
+                continue
+            starved = False
             if client.family == socket.AF_INET:
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
@@ -133,8 +166,13 @@ class StreamTransport:
                     continue
                 connection = Connection(client, self)
                 self._connections.add(connection)
-            threading.Thread(target=connection.serve, name=f"{self.name}-conn",
-                             daemon=True).start()
+            try:
+                threading.Thread(target=connection.serve, name=f"{self.name}-conn",
+                                 daemon=True).start()
+            except RuntimeError as exc:  # out of threads: refuse this one, keep accepting
+                log.warning("refusing connection: %s", exc)
+                client.close()
+                self.forget(connection)
 
     def forget(self, connection: Connection) -> None:
         with self._lock:

@@ -111,9 +111,6 @@ func Unlink(name string) error {
 	return nil
 }
 
-// Name is the POSIX name the semaphore was opened by.
-func (s *Semaphore) Name() string { return s.name }
-
 // Post adds one token.
 func (s *Semaphore) Post() error {
 	return s.result("sem_post", C.shmserve_sem_post(s.sem))

@@ -132,11 +132,19 @@ func (s ServerState) String() string {
 // Align64 rounds n up to a whole number of cache lines.
 func Align64(n uint64) uint64 { return (n + CacheLine - 1) &^ (CacheLine - 1) }
 
-// Object names of section 6: POSIX names for shm_open and sem_open, and the
-// paths under /dev/shm where Linux keeps them.
-func ShmPath(ring string) string        { return "/dev/shm/shmserve." + ring }
+// Object names of section 6. The shared memory is opened by its path under
+// /dev/shm (what shm_open does on Linux); semaphores by their POSIX names.
+
+// ShmPath is the file of ring's shared memory.
+func ShmPath(ring string) string { return "/dev/shm/shmserve." + ring }
+
+// RequestSemName is the semaphore the server waits on.
 func RequestSemName(ring string) string { return "/shmserve." + ring + ".req" }
+
+// SlotSemName is the semaphore the owner of slot waits on.
 func SlotSemName(ring string, slot int) string {
 	return "/shmserve." + ring + ".s" + strconv.Itoa(slot)
 }
+
+// LockPath is the liveness lock the server holds for its whole life.
 func LockPath(ring string) string { return "/dev/shm/shmserve." + ring + ".lock" }

@@ -50,6 +50,7 @@ type Ring struct {
 type slot struct {
 	index     int
 	mem       []byte
+	replyData []byte
 	owner     *atomic.Uint32
 	reqSeq    *atomic.Uint32
 	ackSeq    *atomic.Uint32
@@ -65,9 +66,6 @@ type request struct {
 	id        uint64
 	lastFrame uint32 // the frame_seq consumed last
 }
-
-// Name is the ring's NAME.
-func (r *Ring) Name() string { return r.name }
 
 // Geometry is the validated header, as read at attach.
 func (r *Ring) Geometry() Geometry { return r.geo }
@@ -91,24 +89,37 @@ func (r *Ring) Call(ctx context.Context, typ protocol.MsgType, body []byte, onFr
 			"request of %d bytes exceeds ring %s's req_capacity of %d", len(body), r.name, r.geo.ReqCapacity)}
 	}
 	if !r.acquireUser() {
-		return r.retiredError()
+		return notSent{r.retiredError()}
 	}
 	defer r.releaseUser()
 	if state := ServerState(r.serverState.Load()); state != StateReady {
 		// A stopping server would only answer SHUTTING_DOWN; retiring the ring
-		// lets the next call attach to its successor.
-		return r.markDead(fmt.Sprintf("server is %v", state))
+		// lets the caller attach to its successor.
+		return notSent{r.markDead(fmt.Sprintf("server is %v", state))}
 	}
 	s, err := r.claim(ctx)
 	if err != nil {
-		return err
+		return notSent{err}
 	}
 	req, err := r.publish(s, typ, body)
 	if err != nil {
 		r.release(s)
-		return err
+		return notSent{err}
 	}
 	return r.receive(ctx, req, onFrame)
+}
+
+// notSent marks a failure that came before the request was published: the
+// server never saw it, so it may be retried on another ring.
+type notSent struct{ error }
+
+func (e notSent) Unwrap() error { return e.error }
+
+// NotSent reports whether err came from a Call that failed before its
+// request reached shared memory.
+func NotSent(err error) bool {
+	var unsent notSent
+	return errors.As(err, &unsent)
 }
 
 func (r *Ring) retiredError() error {
@@ -143,7 +154,8 @@ func (r *Ring) claim(ctx context.Context) (*slot, error) {
 	}
 }
 
-// publish is steps 1-4 of section 8 after the claim.
+// publish is steps 1-4 of section 8 after the claim. It fails only before
+// the request is published.
 func (r *Ring) publish(s *slot, typ protocol.MsgType, body []byte) (request, error) {
 	req := request{slot: s, seq: s.reqSeq.Load() + 1, id: r.nextReqID.Add(1), lastFrame: s.frameSeq.Load()}
 	// Tokens left by earlier requests of this slot would only cause spurious
@@ -156,15 +168,19 @@ func (r *Ring) publish(s *slot, typ protocol.MsgType, body []byte) (request, err
 	s.mem[SlotReqTypeOffset] = byte(typ)
 	binary.LittleEndian.PutUint64(s.mem[SlotReqIDOffset:], req.id)
 	s.reqSeq.Store(req.seq)
-	return req, r.ringDoorbell()
+	r.ringDoorbell()
+	return req, nil
 }
 
 // ringDoorbell tells the server to look at the slots again. The fetch-add
 // is a full barrier, so the value read next postdates the publish: posting
-// only when it is 0 cannot lose a wake-up (section 10).
-func (r *Ring) ringDoorbell() error {
+// only when it is 0 cannot lose a wake-up (section 10). The post cannot
+// fail on a semaphore this process opened and only posts at 0 (EINVAL and
+// EOVERFLOW are its only errors), and a server rescans on its timed wake-up
+// anyway, so there is no error to return.
+func (r *Ring) ringDoorbell() {
 	r.doorbell.Add(1)
-	return r.requestSem.PostIfZero()
+	r.requestSem.PostIfZero()
 }
 
 // receive consumes the frames of req until the FINAL one.
@@ -172,7 +188,7 @@ func (r *Ring) receive(ctx context.Context, req request, onFrame func(Frame) err
 	for {
 		frame, err := r.nextFrame(ctx, r.waiter, &req)
 		if err != nil {
-			if ctxErr := ctx.Err(); ctxErr != nil && errors.Is(err, ctxErr) {
+			if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
 				r.cancel(req)
 			}
 			return err
@@ -186,10 +202,7 @@ func (r *Ring) receive(ctx context.Context, req request, onFrame func(Frame) err
 			r.cancel(req)
 			return callbackErr
 		}
-		if err := r.ack(req); err != nil {
-			r.cancel(req)
-			return err
-		}
+		r.ack(req)
 	}
 }
 
@@ -207,18 +220,18 @@ func (r *Ring) nextFrame(ctx context.Context, w *Waiter, req *request) (Frame, e
 		return Frame{}, err
 	}
 	req.lastFrame = seq
-	frame, err := ValidateFrame(s.mem, r.geo, seq, req.seq, req.id)
+	header, err := ValidateFrame(s.mem[SlotFrameSeqOffset:SlotDataOffset], r.geo.RespCapacity, req.seq, req.id)
 	if err != nil {
 		r.abandon(s, err)
 		return Frame{}, fmt.Errorf("ring %s slot %d: %w", r.name, s.index, err)
 	}
-	return frame, nil
+	return Frame{FrameHeader: header, Data: s.replyData[:header.Len:header.Len]}, nil
 }
 
 // ack lets the server write the next frame of req (flow control).
-func (r *Ring) ack(req request) error {
+func (r *Ring) ack(req request) {
 	req.slot.ackSeq.Store(req.lastFrame)
-	return r.ringDoorbell()
+	r.ringDoorbell()
 }
 
 // release frees a slot whose reply is complete, first in shared memory, then
@@ -248,9 +261,10 @@ func (r *Ring) abandon(s *slot, err error) {
 func (r *Ring) cancel(req request) {
 	req.slot.cancelSeq.Store(req.seq)
 	req.slot.ackSeq.Store(req.lastFrame)
-	if r.ringDoorbell() != nil || !r.acquireUser() {
-		return // the ring is going away; nobody will reuse the slot
-	}
+	r.ringDoorbell()
+	// The reaper runs even on a ring that is being closed: the slot must
+	// still come back to the ring's other clients.
+	r.users.Add(1) // cannot be the first: the caller holds a use of r
 	go r.reap(req)
 }
 
@@ -268,8 +282,6 @@ func (r *Ring) reap(req request) {
 			r.release(req.slot)
 			return
 		}
-		if r.ack(req) != nil {
-			return
-		}
+		r.ack(req)
 	}
 }

@@ -110,49 +110,88 @@ func checkCapacity(field string, value, minimum uint64) error {
 	return nil
 }
 
+// FrameHeader is the server line of a slot as a client validated it.
+type FrameHeader struct {
+	Seq   uint32
+	Type  protocol.MsgType
+	Final bool
+	Len   int
+}
+
 // Frame is one reply frame as the client consumed it. Data aliases the
 // slot's reply data in shared memory: it is valid only until the client acks
 // the frame or releases the slot.
 type Frame struct {
-	Seq   uint32
-	Type  protocol.MsgType
-	Final bool
-	Data  []byte
+	FrameHeader
+	Data []byte
 }
 
-// ValidateFrame checks the reply frame in slot (one slot's bytes) against the
-// request it must answer, as section 9 asks: a frame for another req_seq or
-// req_id means the slot was taken from this client, and must never be taken
-// for its reply. seq is the frame_seq the caller loaded before calling, so the
-// fields read here are the ones that publish made visible.
-func ValidateFrame(slot []byte, g Geometry, seq, reqSeq uint32, reqID uint64) (Frame, error) {
-	if len(slot) < g.SlotStride || g.SlotStride < SlotDataOffset+g.ReqCapacity+g.RespCapacity {
-		return Frame{}, invalid(BadGeometry, "slot of %d bytes cannot hold stride %d", len(slot), g.SlotStride)
+// ValidateFrame checks the server line of a slot (its bytes 64..127) against
+// the request the frame must answer, as section 9 asks: a frame for another
+// req_seq or req_id means the slot was taken from this client, and must never
+// pass for its reply; a frame_len over respCapacity would read past the slot.
+func ValidateFrame(line []byte, respCapacity int, reqSeq uint32, reqID uint64) (FrameHeader, error) {
+	if len(line) < CacheLine {
+		return FrameHeader{}, invalid(CorruptRecord, "frame line of %d bytes, want %d", len(line), CacheLine)
 	}
-	if got := binary.LittleEndian.Uint32(slot[SlotFrameReqSeqOffset:]); got != reqSeq {
-		return Frame{}, invalid(Misrouted, "frame answers req_seq %d, the request was %d", got, reqSeq)
+	field := func(offset int) []byte { return line[offset-SlotFrameSeqOffset:] }
+	if got := binary.LittleEndian.Uint32(field(SlotFrameReqSeqOffset)); got != reqSeq {
+		return FrameHeader{}, invalid(Misrouted, "frame answers req_seq %d, the request was %d", got, reqSeq)
 	}
-	if got := binary.LittleEndian.Uint64(slot[SlotFrameReqIDOffset:]); got != reqID {
-		return Frame{}, invalid(Misrouted, "frame answers req_id %d, the request was %d", got, reqID)
+	if got := binary.LittleEndian.Uint64(field(SlotFrameReqIDOffset)); got != reqID {
+		return FrameHeader{}, invalid(Misrouted, "frame answers req_id %d, the request was %d", got, reqID)
 	}
-	length := binary.LittleEndian.Uint32(slot[SlotFrameLenOffset:])
-	if uint64(length) > uint64(g.RespCapacity) {
-		return Frame{}, invalid(CorruptRecord, "frame_len %d exceeds resp_capacity %d", length, g.RespCapacity)
+	length := binary.LittleEndian.Uint32(field(SlotFrameLenOffset))
+	if uint64(length) > uint64(respCapacity) {
+		return FrameHeader{}, invalid(CorruptRecord, "frame_len %d exceeds resp_capacity %d", length, respCapacity)
 	}
-	frame := Frame{
-		Seq:   seq,
-		Type:  protocol.MsgType(slot[SlotFrameTypeOffset]),
-		Final: slot[SlotFrameFlagsOffset]&FrameFlagFinal != 0,
+	frame := FrameHeader{
+		Seq:   binary.LittleEndian.Uint32(field(SlotFrameSeqOffset)),
+		Type:  protocol.MsgType(field(SlotFrameTypeOffset)[0]),
+		Final: field(SlotFrameFlagsOffset)[0]&FrameFlagFinal != 0,
+		Len:   int(length),
 	}
 	switch {
 	case !frame.Type.IsReply():
-		return Frame{}, invalid(CorruptRecord, "frame_type %v is not a reply type", frame.Type)
+		return FrameHeader{}, invalid(CorruptRecord, "frame_type %v is not a reply type", frame.Type)
 	case frame.Type == protocol.TypeStreamChunk && frame.Final:
-		return Frame{}, invalid(CorruptRecord, "a STREAM_CHUNK frame is never FINAL: STREAM_END ends a stream")
+		return FrameHeader{}, invalid(CorruptRecord, "a STREAM_CHUNK frame is never FINAL: STREAM_END ends a stream")
 	case frame.Type == protocol.TypeStreamEnd && !frame.Final:
-		return Frame{}, invalid(CorruptRecord, "a STREAM_END frame is always FINAL")
+		return FrameHeader{}, invalid(CorruptRecord, "a STREAM_END frame is always FINAL")
 	}
-	dataStart := SlotDataOffset + g.ReqCapacity
-	frame.Data = slot[dataStart : dataStart+int(length) : dataStart+int(length)]
 	return frame, nil
+}
+
+// RequestRecord is the client line of a slot as a server reads it.
+type RequestRecord struct {
+	Owner uint32
+	Seq   uint32
+	ID    uint64
+	Len   int
+	Type  protocol.MsgType
+}
+
+// ValidateRequest is the server's check of a slot's client line (its bytes
+// 0..63, section 8): a record that no client can be waiting for, or whose
+// req_len overruns the slot, is CORRUPT_RECORD; then the type and size rules
+// of section 3 apply. Every failure is the error the server answers with.
+func ValidateRequest(line []byte, reqCapacity int) (RequestRecord, error) {
+	if len(line) < CacheLine {
+		return RequestRecord{}, &protocol.Error{Code: protocol.CodeCorruptRecord, Message: fmt.Sprintf("request line of %d bytes", len(line))}
+	}
+	record := RequestRecord{
+		Owner: binary.LittleEndian.Uint32(line[SlotOwnerOffset:]),
+		Seq:   binary.LittleEndian.Uint32(line[SlotReqSeqOffset:]),
+		ID:    binary.LittleEndian.Uint64(line[SlotReqIDOffset:]),
+		Type:  protocol.MsgType(line[SlotReqTypeOffset]),
+	}
+	length := binary.LittleEndian.Uint32(line[SlotReqLenOffset:])
+	switch {
+	case record.Owner == 0:
+		return record, &protocol.Error{Code: protocol.CodeCorruptRecord, Message: "request published in a free slot"}
+	case uint64(length) > uint64(reqCapacity):
+		return record, &protocol.Error{Code: protocol.CodeCorruptRecord, Message: fmt.Sprintf("req_len %d exceeds req_capacity %d", length, reqCapacity)}
+	}
+	record.Len = int(length)
+	return record, protocol.CheckRequestLength(record.Type, record.Len)
 }

@@ -17,6 +17,12 @@ import (
 // It also paces the clock reads: time.Now costs ~65 ns, one poll ~1 ns.
 const pollsPerYield = 256
 
+// maxSpinPause bounds how many waits in a row block without spinning after
+// spins kept failing, so a server that turns fast again is noticed within
+// that many requests, while a useless spin costs at most 1/maxSpinPause of
+// its budget per request.
+const maxSpinPause = 128
+
 // Waiter implements the wait of spec section 10: spin on a publish word for
 // a bounded time, then block on its semaphore in timed waits, checking
 // between waits that the other side still lives. Both directions of the ring
@@ -31,6 +37,12 @@ type Waiter struct {
 	// maxSpinners caps them: each spinner holds a CPU, and the server needs one.
 	spinners    atomic.Int32
 	maxSpinners int32
+	// A spin that ends without the change only burns a CPU the other side
+	// may need (a model running, a loaded host): after one, the next
+	// spinPause waits block at once. spinPause doubles with every failed
+	// spin and resets when one succeeds; skipSpins counts the pause down.
+	spinPause atomic.Int32
+	skipSpins atomic.Int32
 }
 
 // NewWaiter returns a Waiter that spins for at most spin (with at most
@@ -53,9 +65,18 @@ func (w *Waiter) Await(ctx context.Context, sem *posixsem.Semaphore, changed fun
 	}
 	if ctx.Done() != nil {
 		// A cancel without a deadline would otherwise wait out the tick: post
-		// a token so the blocked wait looks at ctx at once.
-		stop := context.AfterFunc(ctx, func() { sem.Post() })
-		defer stop()
+		// a token so the blocked wait looks at ctx at once. The post must be
+		// over before Await returns, since the caller may close sem next.
+		posted := make(chan struct{})
+		stop := context.AfterFunc(ctx, func() {
+			defer close(posted)
+			sem.Post()
+		})
+		defer func() {
+			if !stop() {
+				<-posted
+			}
+		}()
 	}
 	deadline, hasDeadline := ctx.Deadline()
 	for {
@@ -67,7 +88,10 @@ func (w *Waiter) Await(ctx context.Context, sem *posixsem.Semaphore, changed fun
 		}
 		timeout := w.tick
 		if hasDeadline {
-			timeout = min(timeout, time.Until(deadline))
+			// ctx's own timer may fire a little after its deadline.
+			if timeout = min(timeout, time.Until(deadline)); timeout <= 0 {
+				return context.DeadlineExceeded
+			}
 		}
 		err := sem.TimedWait(timeout)
 		switch {
@@ -82,9 +106,13 @@ func (w *Waiter) Await(ctx context.Context, sem *posixsem.Semaphore, changed fun
 }
 
 // spinUntil polls changed for at most the spin budget and reports whether it
-// saw the change. It spins only while fewer than maxSpinners goroutines do.
+// saw the change. It spins only while fewer than maxSpinners goroutines do,
+// and not during a pause after failed spins.
 func (w *Waiter) spinUntil(ctx context.Context, changed func() bool) bool {
 	if w.spin <= 0 {
+		return false
+	}
+	if w.skipSpins.Load() > 0 && w.skipSpins.Add(-1) >= 0 {
 		return false
 	}
 	defer w.spinners.Add(-1)
@@ -95,6 +123,7 @@ func (w *Waiter) spinUntil(ctx context.Context, changed func() bool) bool {
 	start := time.Now()
 	for polls := 1; ; polls++ {
 		if changed() {
+			w.spinPause.Store(0)
 			return true
 		}
 		if polls%pollsPerYield == 0 {
@@ -104,6 +133,9 @@ func (w *Waiter) spinUntil(ctx context.Context, changed func() bool) bool {
 			default:
 			}
 			if time.Since(start) >= w.spin {
+				pause := min(2*w.spinPause.Load()+1, maxSpinPause)
+				w.spinPause.Store(pause)
+				w.skipSpins.Store(pause)
 				return false
 			}
 			runtime.Gosched()

@@ -36,8 +36,8 @@ type Message struct {
 // server stops. A stream answer is its chunks followed by STREAM_END.
 type Handler func(ctx context.Context, typ protocol.MsgType, body []byte) []Message
 
-// FrameHeader is what the server is about to publish in a slot.
-type FrameHeader struct {
+// FrameFields is what the server is about to publish in a slot.
+type FrameFields struct {
 	ReqSeq uint32
 	ReqID  uint64
 	Len    uint32
@@ -52,7 +52,7 @@ type Options struct {
 	Handler Handler
 	// Tamper, when set, may rewrite each frame header before it is
 	// published, to test the client's checks.
-	Tamper func(slot int, h *FrameHeader)
+	Tamper func(slot int, h *FrameFields)
 	// HoldStarting leaves the server in STARTING until MarkReady.
 	HoldStarting bool
 }
@@ -75,11 +75,16 @@ type Server struct {
 	slotSems []*posixsem.Semaphore
 
 	results chan result
-	stop    context.CancelFunc
-	done    chan struct{}
-	grace   atomic.Int64 // nanoseconds; set by Stop before it cancels the loop
-	killed  atomic.Bool
-	once    sync.Once
+	// handlers run the Handler calls; ending handlersCtx and waiting for
+	// them comes before the semaphores they post are closed.
+	handlers       sync.WaitGroup
+	handlersCtx    context.Context
+	cancelHandlers context.CancelFunc
+	stop           context.CancelFunc
+	done           chan struct{}
+	grace          atomic.Int64 // nanoseconds; set by Stop before it cancels the loop
+	killed         atomic.Bool
+	once           sync.Once
 }
 
 type result struct {
@@ -105,7 +110,7 @@ type slotState struct {
 }
 
 type frame struct {
-	header FrameHeader
+	header FrameFields
 	data   []byte
 }
 
@@ -122,6 +127,7 @@ func Start(name string, opts Options) (*Server, error) {
 		opts.Handler = Echo
 	}
 	s := &Server{Name: name, opts: opts, results: make(chan result, opts.Slots), done: make(chan struct{})}
+	s.handlersCtx, s.cancelHandlers = context.WithCancel(context.Background())
 	if err := s.create(); err != nil {
 		s.release()
 		return nil, err
@@ -281,6 +287,8 @@ func (s *Server) Kill() {
 }
 
 func (s *Server) release() {
+	s.cancelHandlers()
+	s.handlers.Wait()
 	for _, sem := range s.slotSems {
 		if sem != nil {
 			sem.Close()
@@ -303,10 +311,8 @@ const heartbeatInterval = 250 * time.Millisecond
 
 func (s *Server) serve(ctx context.Context) {
 	defer close(s.done)
+	// A new ring is zeroed: every slot has served req_seq 0 so far.
 	slots := make([]slotState, s.geo.SlotCount)
-	for i := range slots {
-		slots[i].servedSeq = s.slotU32(i, ring.SlotReqSeqOffset).Load()
-	}
 	doorbell := (*atomic.Uint64)(unsafe.Pointer(&s.mem[ring.HeaderDoorbellOffset]))
 	heartbeat := (*atomic.Uint64)(unsafe.Pointer(&s.mem[ring.HeaderHeartbeatOffset]))
 	beat := func() error {
@@ -400,32 +406,29 @@ func (s *Server) abort(state *slotState, final Message) {
 }
 
 func (s *Server) startRequest(i int, state *slotState, slotMem []byte, request *activeRequest) {
-	length := binary.LittleEndian.Uint32(slotMem[ring.SlotReqLenOffset:])
-	typ := protocol.MsgType(slotMem[ring.SlotReqTypeOffset])
-	switch {
-	case s.slotU32(i, ring.SlotOwnerOffset).Load() == 0:
-		state.queue = s.frames(request, []Message{errorMessage(protocol.CodeCorruptRecord, "request in a free slot")})
-		return
-	case int(length) > s.geo.ReqCapacity:
-		state.queue = s.frames(request, []Message{errorMessage(protocol.CodeCorruptRecord, "req_len exceeds req_capacity")})
-		return
+	record, err := ring.ValidateRequest(slotMem[:ring.CacheLine], s.geo.ReqCapacity)
+	var body []byte
+	if err == nil {
+		body = append([]byte(nil), slotMem[ring.SlotDataOffset:][:record.Len]...)
+		err = protocol.CheckRequest(record.Type, body)
 	}
-	body := append([]byte(nil), slotMem[ring.SlotDataOffset:ring.SlotDataOffset+int(length)]...)
-	if err := protocol.CheckRequest(typ, body); err != nil {
-		var protocolErr *protocol.Error
-		errors.As(err, &protocolErr)
+	var protocolErr *protocol.Error
+	if errors.As(err, &protocolErr) {
 		state.queue = s.frames(request, []Message{{Type: protocol.TypeError, Body: protocol.AppendErrorBody(nil, protocolErr)}})
 		return
 	}
 	// Handlers outlive the loop's context: a stopping server gives them grace.
-	handlerCtx, cancel := context.WithCancel(context.Background())
+	handlerCtx, cancel := context.WithCancel(s.handlersCtx)
 	request.cancel = cancel
 	state.active = request
-	go func() {
-		messages := s.opts.Handler(handlerCtx, typ, body)
-		s.results <- result{slot: i, request: request, messages: messages}
-		s.reqSem.Post()
-	}()
+	s.handlers.Go(func() {
+		messages := s.opts.Handler(handlerCtx, record.Type, body)
+		select {
+		case s.results <- result{slot: i, request: request, messages: messages}:
+			s.reqSem.Post()
+		case <-s.handlersCtx.Done():
+		}
+	})
 }
 
 func errorMessage(code protocol.Code, message string) Message {
@@ -441,7 +444,7 @@ func (s *Server) frames(request *activeRequest, messages []Message) []frame {
 		for first := true; first || len(body) > 0; first = false {
 			n := min(len(body), s.geo.RespCapacity)
 			out = append(out, frame{
-				header: FrameHeader{ReqSeq: request.seq, ReqID: request.id, Len: uint32(n), Type: m.Type},
+				header: FrameFields{ReqSeq: request.seq, ReqID: request.id, Len: uint32(n), Type: m.Type},
 				data:   body[:n],
 			})
 			body = body[n:]

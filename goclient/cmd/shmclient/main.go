@@ -1,0 +1,134 @@
+// Command shmclient talks to a shmserve server from the command line:
+//
+//	shmclient echo     [flags] TEXT           send TEXT, print the reply
+//	shmclient classify [flags] FILE|DIR...    classify PNG/JPEG images
+//	shmclient prompt   [flags] TEXT           generate text, optionally streamed
+//	shmclient bench    [flags]                compare transports' latency and throughput
+//
+// Every subcommand takes -addr (shm://NAME, unix:///path or tcp://host:port)
+// and documents its flags with -h.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"runtime"
+	"time"
+
+	"github.com/shmserve/shmserve/goclient/shmclient"
+)
+
+type command struct {
+	name, args, summary string
+	run                 func(ctx context.Context, args []string, stdout, stderr io.Writer) error
+}
+
+var commands = []command{
+	{"echo", "[flags] TEXT", "send TEXT and print the reply; with -c or -n, check every reply", runEcho},
+	{"classify", "[flags] FILE|DIR...", "classify PNG/JPEG images (DIRs are walked) and print `path label` lines", runClassify},
+	{"prompt", "[flags] TEXT", "generate text from TEXT, printing chunks as they stream", runPrompt},
+	{"bench", "[flags]", "measure echo latency and throughput of one or more transports", runBench},
+}
+
+// errUsage marks a bad command line; its message has already been printed.
+var errUsage = errors.New("usage")
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+		usage(stderr)
+		return 2
+	}
+	for _, c := range commands {
+		if c.name != args[0] {
+			continue
+		}
+		err := c.run(context.Background(), args[1:], stdout, stderr)
+		switch {
+		case err == nil:
+			return 0
+		case errors.Is(err, flag.ErrHelp) || errors.Is(err, errUsage):
+			return 2
+		}
+		fmt.Fprintf(stderr, "shmclient %s: %v\n", c.name, err)
+		return 1
+	}
+	fmt.Fprintf(stderr, "shmclient: unknown command %q\n\n", args[0])
+	usage(stderr)
+	return 2
+}
+
+func usage(w io.Writer) {
+	fmt.Fprintln(w, "usage: shmclient COMMAND [flags] [args]")
+	fmt.Fprintln(w, "\ncommands:")
+	for _, c := range commands {
+		fmt.Fprintf(w, "  %-9s %s\n", c.name, c.summary)
+	}
+	fmt.Fprintln(w, "\nRun `shmclient COMMAND -h` for a command's flags.")
+}
+
+// newFlagSet returns a flag set whose -h prints the command's synopsis.
+func newFlagSet(name, args, summary string, stderr io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet("shmclient "+name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprintf(stderr, "usage: shmclient %s %s\n\n%s\n\nflags:\n", name, args, summary)
+		fs.PrintDefaults()
+	}
+	return fs
+}
+
+// connectionFlags are the flags every command has for reaching the server.
+type connectionFlags struct {
+	addr     string
+	fallback string
+	timeout  time.Duration
+	spin     time.Duration
+	spinners int
+	liveness time.Duration
+}
+
+func (f *connectionFlags) register(fs *flag.FlagSet, timeout time.Duration) {
+	fs.StringVar(&f.addr, "addr", "shm://default", "server address: shm://NAME, unix:///path/to.sock or tcp://host:port")
+	fs.StringVar(&f.fallback, "fallback", "", "address to use when -addr cannot be reached (e.g. unix:///tmp/shmserve.default.sock)")
+	fs.DurationVar(&f.timeout, "timeout", timeout, "deadline of each request (and of connecting)")
+	fs.DurationVar(&f.spin, "spin", 50*time.Microsecond, "shm: how long to poll for a reply before blocking; 0 blocks at once")
+	fs.IntVar(&f.spinners, "spinners", max(1, runtime.NumCPU()-1), "shm: most requests polling at once; the rest block at once")
+	fs.DurationVar(&f.liveness, "liveness", 50*time.Millisecond, "shm: how often a blocked request checks that the server lives")
+}
+
+func (f *connectionFlags) dial(ctx context.Context, addr string, conns int, stderr io.Writer) (*shmclient.Client, error) {
+	ctx, cancel := context.WithTimeout(ctx, f.timeout)
+	defer cancel()
+	opts := []shmclient.Option{
+		shmclient.WithSpin(f.spin),
+		shmclient.WithSpinners(f.spinners),
+		shmclient.WithLivenessInterval(f.liveness),
+		shmclient.WithConns(conns),
+		shmclient.WithLogger(slog.New(slog.NewTextHandler(stderr, nil))),
+	}
+	if f.fallback != "" {
+		opts = append(opts, shmclient.WithFallback(f.fallback))
+	}
+	return shmclient.Dial(ctx, addr, opts...)
+}
+
+// parseArgs parses flags and checks the count of positional arguments.
+func parseArgs(fs *flag.FlagSet, args []string, minArgs, maxArgs int) error {
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if n := fs.NArg(); n < minArgs || (maxArgs >= 0 && n > maxArgs) {
+		fs.Usage()
+		return errUsage
+	}
+	return nil
+}

@@ -1,0 +1,153 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"image"
+	"image/color"
+	"image/jpeg"
+	"image/png"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/shmserve/shmserve/goclient/internal/ring/ringtest"
+	"github.com/shmserve/shmserve/goclient/protocol"
+)
+
+// labelByRed classifies an image by its first red sample rounded to tens
+// (JPEG may move it by a few), so a test can tell which image a label came
+// from.
+func labelByRed(_ context.Context, typ protocol.MsgType, body []byte) []ringtest.Message {
+	if typ == protocol.TypeClassify {
+		return []ringtest.Message{{Type: typ, Body: []byte(protocol.Labels[(int(body[0])+5)/10%10])}}
+	}
+	if typ == protocol.TypePromptStream {
+		return []ringtest.Message{
+			{Type: protocol.TypeStreamChunk, Body: []byte("stre")},
+			{Type: protocol.TypeStreamChunk, Body: []byte("amed")},
+			{Type: protocol.TypeStreamEnd},
+		}
+	}
+	return []ringtest.Message{{Type: typ, Body: body}}
+}
+
+func startServer(t *testing.T) string {
+	t.Helper()
+	name := fmt.Sprintf("t%d-%08x", os.Getpid(), rand.Uint32())
+	server, err := ringtest.Start(name, ringtest.Options{Slots: 4, Handler: labelByRed})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { server.Stop(0) })
+	return "shm://" + name
+}
+
+func runCLI(t *testing.T, args ...string) (stdout, stderr string, status int) {
+	t.Helper()
+	var out, errOut bytes.Buffer
+	status = run(args, &out, &errOut)
+	return out.String(), errOut.String(), status
+}
+
+func writeImage(t *testing.T, path string, size int, red uint8, encode func(*os.File, image.Image) error) {
+	t.Helper()
+	img := image.NewRGBA(image.Rect(0, 0, size, size))
+	for y := range size {
+		for x := range size {
+			img.Set(x, y, color.RGBA{R: red, G: 1, B: 2, A: 255})
+		}
+	}
+	file, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer file.Close()
+	if err := encode(file, img); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func encodePNG(f *os.File, img image.Image) error { return png.Encode(f, img) }
+func encodeJPEG(f *os.File, img image.Image) error {
+	return jpeg.Encode(f, img, &jpeg.Options{Quality: 100})
+}
+
+func TestClassifyPrintsLabelsInOrderAndReportsBadFiles(t *testing.T) {
+	addr := startServer(t)
+	dir := t.TempDir()
+	writeImage(t, filepath.Join(dir, "a.png"), 32, 30, encodePNG)   // cat
+	writeImage(t, filepath.Join(dir, "b.png"), 64, 50, encodePNG)   // dog, after scaling
+	writeImage(t, filepath.Join(dir, "c.jpg"), 32, 100, encodeJPEG) // airplane
+	os.WriteFile(filepath.Join(dir, "d.txt"), []byte("not an image"), 0o600)
+	stdout, _, status := runCLI(t, "classify", "-addr", addr, "-c", "3", dir, filepath.Join(dir, "missing.png"))
+	lines := strings.Split(strings.TrimSpace(stdout), "\n")
+	want := []string{
+		filepath.Join(dir, "a.png") + " cat",
+		filepath.Join(dir, "b.png") + " dog",
+		filepath.Join(dir, "c.jpg") + " airplane",
+		filepath.Join(dir, "d.txt") + " error: decode: image: unknown format",
+	}
+	for i, line := range want {
+		if lines[i] != line {
+			t.Errorf("line %d = %q, want %q", i, lines[i], line)
+		}
+	}
+	if !strings.HasPrefix(lines[4], filepath.Join(dir, "missing.png")+" error:") ||
+		!strings.HasPrefix(lines[5], "classified 3 of 5 images over shm") || !strings.Contains(lines[5], "p99") {
+		t.Errorf("last lines %q", lines[4:])
+	}
+	if status != 1 {
+		t.Errorf("status %d, want 1 when a file failed", status)
+	}
+}
+
+func TestPlanarConversion(t *testing.T) {
+	img := image.NewRGBA(image.Rect(0, 0, 32, 32))
+	img.Set(5, 2, color.RGBA{R: 10, G: 20, B: 30, A: 255})
+	planar := planarRGB32(img)
+	at := 2*32 + 5
+	if planar[at] != 10 || planar[1024+at] != 20 || planar[2048+at] != 30 {
+		t.Fatalf("pixel (5,2) = %d %d %d", planar[at], planar[1024+at], planar[2048+at])
+	}
+}
+
+func TestEchoAndPromptCommands(t *testing.T) {
+	addr := startServer(t)
+	if stdout, stderr, status := runCLI(t, "echo", "-addr", addr, "hello there"); status != 0 || stdout != "hello there\n" {
+		t.Fatalf("echo: %q %q %d", stdout, stderr, status)
+	}
+	stdout, stderr, status := runCLI(t, "echo", "-addr", addr, "-c", "4", "-n", "200", "x")
+	if status != 0 || !strings.Contains(stdout, "200 replies over shm from 4 goroutines") || !strings.Contains(stdout, "0 mismatched") {
+		t.Fatalf("echo -c: %q %q %d", stdout, stderr, status)
+	}
+	if stdout, stderr, status := runCLI(t, "prompt", "-addr", addr, "-stream", "hi"); status != 0 || stdout != "streamed\n" {
+		t.Fatalf("prompt -stream: %q %q %d", stdout, stderr, status)
+	}
+}
+
+func TestBenchComparesTwoAddresses(t *testing.T) {
+	first, second := startServer(t), startServer(t)
+	stdout, stderr, status := runCLI(t, "bench", "-addr", first+","+second, "-n", "500", "-warmup", "50", "-c", "2", "-reps", "2")
+	if status != 0 || strings.Count(stdout, "shm://") < 2 || !strings.Contains(stdout, "shm vs shm: latency") {
+		t.Fatalf("bench: %q %q %d", stdout, stderr, status)
+	}
+}
+
+func TestUsage(t *testing.T) {
+	if _, stderr, status := runCLI(t); status != 2 || !strings.Contains(stderr, "commands:") {
+		t.Fatalf("no arguments: %q %d", stderr, status)
+	}
+	if _, stderr, status := runCLI(t, "bench", "-h"); status != 2 || !strings.Contains(stderr, "-warmup") {
+		t.Fatalf("bench -h: %q %d", stderr, status)
+	}
+	if _, stderr, status := runCLI(t, "echo"); status != 2 || !strings.Contains(stderr, "usage: shmclient echo") {
+		t.Fatalf("echo without TEXT: %q %d", stderr, status)
+	}
+	if _, stderr, status := runCLI(t, "echo", "-addr", "shm://no-such-ring-here", "x"); status != 1 || !strings.Contains(stderr, "server gone") {
+		t.Fatalf("echo to a missing ring: %q %d", stderr, status)
+	}
+}

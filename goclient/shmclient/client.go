@@ -1,0 +1,264 @@
+// Package shmclient is the Go client of shmserve, the Python sidecar that
+// serves ML models. It speaks spec/PROTOCOL.md over the shared-memory ring
+// (shm://NAME), a Unix socket (unix:///path) or TCP (tcp://host:port); every
+// method honours its context's deadline and cancellation and is safe for
+// concurrent use.
+//
+// Errors: ErrServerGone when the server stopped or died (a ring client
+// re-attaches by itself once a new server generation appears), a
+// *protocol.Error for an ERROR reply or a request the protocol forbids
+// (errors.Is(err, protocol.ErrBadLength) and so on), ErrTooLarge for a
+// request over the transport's limit, and the context's error.
+package shmclient
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"strings"
+	"sync/atomic"
+
+	"github.com/shmserve/shmserve/goclient/internal/ring"
+	"github.com/shmserve/shmserve/goclient/protocol"
+)
+
+// Scores is one CLASSIFY_SCORES result: the class index (argmax) and the
+// probabilities of the ten CIFAR-10 classes; Label names the class.
+type Scores = protocol.Scores
+
+var (
+	// ErrServerGone reports that the server stopped, died, or was replaced.
+	ErrServerGone = ring.ErrServerGone
+	// ErrTooLarge reports a request over the transport's limit (the ring's
+	// req_capacity, or 16 MiB per packet); it is protocol.ErrTooLarge, so a
+	// server's TOO_LARGE reply matches it too.
+	ErrTooLarge = protocol.ErrTooLarge
+	// ErrClosed reports a call on a closed Client.
+	ErrClosed = errors.New("shmclient: client closed")
+)
+
+// transport carries one request and its replies. Each reply message is
+// handed to onMessage, whose body is valid only during the call; a stream
+// has several messages, everything else one.
+type transport interface {
+	exchange(ctx context.Context, typ protocol.MsgType, body []byte, onMessage func(protocol.MsgType, []byte) error) error
+	maxRequestBody() int
+	scheme() string
+	close() error
+}
+
+// Client talks to one shmserve server.
+type Client struct {
+	transport transport
+	closed    atomic.Bool
+}
+
+// Dial connects to addr: shm://NAME, unix:///path/to.sock or
+// tcp://host:port. For a ring it waits, bounded by ctx, until the server is
+// READY. With WithFallback, a primary address that cannot be reached is
+// logged and the fallback used instead.
+func Dial(ctx context.Context, addr string, opts ...Option) (*Client, error) {
+	o := defaultOptions()
+	for _, opt := range opts {
+		opt(&o)
+	}
+	t, err := dialTransport(ctx, addr, o)
+	if err != nil && o.fallback != "" && ctx.Err() == nil {
+		o.logger.Warn("shmclient: cannot use the primary transport; using the fallback",
+			"addr", addr, "fallback", o.fallback, "err", err)
+		var fallbackErr error
+		if t, fallbackErr = dialTransport(ctx, o.fallback, o); fallbackErr != nil {
+			return nil, fmt.Errorf("shmclient: dial %s: %w; fallback %s: %w", addr, err, o.fallback, fallbackErr)
+		}
+		err = nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("shmclient: dial %s: %w", addr, err)
+	}
+	return &Client{transport: t}, nil
+}
+
+func dialTransport(ctx context.Context, addr string, o options) (transport, error) {
+	scheme, rest, ok := strings.Cut(addr, "://")
+	if !ok || rest == "" {
+		return nil, fmt.Errorf("address %q is not shm://NAME, unix:///path or tcp://host:port", addr)
+	}
+	switch scheme {
+	case "shm":
+		return dialRing(ctx, rest, o)
+	case "unix", "tcp":
+		return dialStream(ctx, scheme, rest, o)
+	}
+	return nil, fmt.Errorf("address %q: unknown scheme %q (want shm, unix or tcp)", addr, scheme)
+}
+
+// Transport names the transport in use: "shm", "unix" or "tcp". After a
+// fallback it names the fallback's.
+func (c *Client) Transport() string { return c.transport.scheme() }
+
+// Close releases the client's connections or ring. Calls in flight finish;
+// later calls fail with ErrClosed.
+func (c *Client) Close() error {
+	if c.closed.Swap(true) {
+		return nil
+	}
+	return c.transport.close()
+}
+
+// Echo sends data and returns the server's byte-identical copy.
+func (c *Client) Echo(ctx context.Context, data []byte) ([]byte, error) {
+	reply := []byte{}
+	err := c.roundTrip(ctx, protocol.TypeEcho, data, func(body []byte) error {
+		reply = append(reply, body...)
+		return nil
+	})
+	return reply, err
+}
+
+// Classify returns the label of one 3072-byte planar RGB 32x32 image.
+func (c *Client) Classify(ctx context.Context, image []byte) (string, error) {
+	var label string
+	err := c.roundTrip(ctx, protocol.TypeClassify, image, func(body []byte) error {
+		label = string(body)
+		return nil
+	})
+	return label, err
+}
+
+// ClassifyScores returns the class probabilities of one image.
+func (c *Client) ClassifyScores(ctx context.Context, image []byte) (Scores, error) {
+	scores, err := c.scoreImages(ctx, protocol.TypeClassifyScores, image, 1)
+	if err != nil {
+		return Scores{}, err
+	}
+	return scores[0], nil
+}
+
+// ClassifyBatch returns the scores of every image, in order. Batches larger
+// than one request may carry (256 images, or what fits the ring's
+// req_capacity) are sent as several requests in turn.
+func (c *Client) ClassifyBatch(ctx context.Context, images [][]byte) ([]Scores, error) {
+	if len(images) == 0 {
+		return nil, &protocol.Error{Code: protocol.CodeBadLength, Message: "CLASSIFY_BATCH needs at least one image"}
+	}
+	for i, image := range images {
+		if len(image) != protocol.ImageBytes {
+			return nil, &protocol.Error{Code: protocol.CodeBadLength, Message: fmt.Sprintf(
+				"image %d has %d bytes, want %d (planar RGB 32x32)", i, len(image), protocol.ImageBytes)}
+		}
+	}
+	perRequest := max(1, min(protocol.MaxBatchImages, c.transport.maxRequestBody()/protocol.ImageBytes))
+	all := make([]Scores, 0, len(images))
+	body := make([]byte, 0, min(len(images), perRequest)*protocol.ImageBytes)
+	for start := 0; start < len(images); start += perRequest {
+		batch := images[start:min(start+perRequest, len(images))]
+		body = body[:0]
+		for _, image := range batch {
+			body = append(body, image...)
+		}
+		scores, err := c.scoreImages(ctx, protocol.TypeClassifyBatch, body, len(batch))
+		if err != nil {
+			return nil, err
+		}
+		all = append(all, scores...)
+	}
+	return all, nil
+}
+
+// scoreImages sends one CLASSIFY_SCORES or CLASSIFY_BATCH request and
+// checks that the reply holds one ScoreRecord per image.
+func (c *Client) scoreImages(ctx context.Context, typ protocol.MsgType, body []byte, images int) ([]Scores, error) {
+	var scores []Scores
+	err := c.roundTrip(ctx, typ, body, func(reply []byte) error {
+		var err error
+		if scores, err = protocol.DecodeScoreRecords(reply); err != nil {
+			return err
+		}
+		if len(scores) != images {
+			return fmt.Errorf("%w: %d ScoreRecords for %d images", protocol.ErrProtocolViolation, len(scores), images)
+		}
+		return nil
+	})
+	return scores, err
+}
+
+// Prompt returns the text the model generates for prompt in at most steps
+// new tokens.
+func (c *Client) Prompt(ctx context.Context, prompt string, steps int) (string, error) {
+	body, err := promptBody(prompt, steps)
+	if err != nil {
+		return "", err
+	}
+	var text string
+	err = c.roundTrip(ctx, protocol.TypePrompt, body, func(reply []byte) error {
+		text = string(reply)
+		return nil
+	})
+	return text, err
+}
+
+// PromptStream is Prompt with the text delivered as it is generated: onChunk
+// gets each piece in order. An error from onChunk cancels the generation and
+// is returned.
+func (c *Client) PromptStream(ctx context.Context, prompt string, steps int, onChunk func(string) error) error {
+	body, err := promptBody(prompt, steps)
+	if err != nil {
+		return err
+	}
+	return c.exchange(ctx, protocol.TypePromptStream, body, func(typ protocol.MsgType, reply []byte) error {
+		switch typ {
+		case protocol.TypeStreamChunk:
+			return onChunk(string(reply))
+		case protocol.TypeStreamEnd:
+			return nil
+		case protocol.TypeError:
+			return errorReply(reply)
+		}
+		return fmt.Errorf("%w: a %v reply in a stream", protocol.ErrProtocolViolation, typ)
+	})
+}
+
+func promptBody(prompt string, steps int) ([]byte, error) {
+	if steps < 1 || steps > math.MaxUint32 {
+		return nil, &protocol.Error{Code: protocol.CodeBadArgument, Message: fmt.Sprintf("steps %d: want at least 1", steps)}
+	}
+	return protocol.AppendPromptRequest(nil, protocol.PromptRequest{MaxNewTokens: uint32(steps), Prompt: prompt}), nil
+}
+
+// roundTrip sends a request whose answer is one reply of its own type, and
+// hands that reply's body to onReply (valid only during the call).
+func (c *Client) roundTrip(ctx context.Context, typ protocol.MsgType, body []byte, onReply func([]byte) error) error {
+	return c.exchange(ctx, typ, body, func(replyType protocol.MsgType, reply []byte) error {
+		switch replyType {
+		case typ:
+			return onReply(reply)
+		case protocol.TypeError:
+			return errorReply(reply)
+		}
+		return fmt.Errorf("%w: a %v reply to a %v request", protocol.ErrProtocolViolation, replyType, typ)
+	})
+}
+
+// exchange checks a request as the server would, then sends it.
+func (c *Client) exchange(ctx context.Context, typ protocol.MsgType, body []byte, onMessage func(protocol.MsgType, []byte) error) error {
+	if c.closed.Load() {
+		return ErrClosed
+	}
+	if err := protocol.CheckRequest(typ, body); err != nil {
+		return err
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	return c.transport.exchange(ctx, typ, body, onMessage)
+}
+
+// errorReply turns an ERROR reply into the error it carries.
+func errorReply(body []byte) error {
+	decoded, err := protocol.DecodeErrorBody(body)
+	if err != nil {
+		return err
+	}
+	return decoded
+}
