@@ -88,10 +88,14 @@ def _serve(args) -> int:
     started = []
     try:
         for name in names:
+            if stop.is_set():
+                return 0
             transport = transports.load(name, dispatcher, args)
             started.append(transport)
             transport.start()
         model.warmup()
+        if stop.is_set():  # stopped while loading or compiling: never announce ready
+            return 0
         ready = {"event": "ready", "pid": os.getpid(), "model": model.describe(),
                  "transports": names}
         for transport in started:

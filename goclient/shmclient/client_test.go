@@ -4,12 +4,9 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"fmt"
 	"io"
 	"log/slog"
-	"math/rand/v2"
 	"net"
-	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -17,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/shmserve/shmserve/goclient/internal/crosstest"
 	"github.com/shmserve/shmserve/goclient/internal/ring/ringtest"
 	"github.com/shmserve/shmserve/goclient/protocol"
 )
@@ -46,8 +44,6 @@ func fakeModel(_ context.Context, typ protocol.MsgType, body []byte) []ringtest.
 	}
 	return []ringtest.Message{{Type: typ, Body: body}}
 }
-
-func uniqueName() string { return fmt.Sprintf("t%d-%08x", os.Getpid(), rand.Uint32()) }
 
 func startRing(t *testing.T, name string, opts ringtest.Options) *ringtest.Server {
 	t.Helper()
@@ -172,7 +168,7 @@ func exerciseModel(t *testing.T, client *Client) {
 }
 
 func TestEveryMethodOverRing(t *testing.T) {
-	name := uniqueName()
+	name := crosstest.UniqueName()
 	startRing(t, name, ringtest.Options{Slots: 4, ReqCapacity: 64 * protocol.ImageBytes})
 	client := dial(t, "shm://"+name)
 	if client.Transport() != "shm" {
@@ -213,7 +209,7 @@ func TestServerErrorIsTyped(t *testing.T) {
 	unsupported := func(context.Context, protocol.MsgType, []byte) []ringtest.Message {
 		return []ringtest.Message{{Type: protocol.TypeError, Body: protocol.AppendErrorBody(nil, &protocol.Error{Code: protocol.CodeUnsupported, Message: "echo model"})}}
 	}
-	name := uniqueName()
+	name := crosstest.UniqueName()
 	startRing(t, name, ringtest.Options{Slots: 1, Handler: unsupported})
 	for _, addr := range []string{"shm://" + name, startStreamServer(t, unsupported)} {
 		_, err := dial(t, addr).Classify(testCtx(t), image(0))
@@ -225,7 +221,7 @@ func TestServerErrorIsTyped(t *testing.T) {
 }
 
 func TestRingRequestTooLarge(t *testing.T) {
-	name := uniqueName()
+	name := crosstest.UniqueName()
 	startRing(t, name, ringtest.Options{Slots: 1, ReqCapacity: 4096})
 	client := dial(t, "shm://"+name)
 	if _, err := client.Echo(testCtx(t), make([]byte, 4097)); !errors.Is(err, ErrTooLarge) {
@@ -234,7 +230,7 @@ func TestRingRequestTooLarge(t *testing.T) {
 }
 
 func TestReattachesToNextServerGeneration(t *testing.T) {
-	name := uniqueName()
+	name := crosstest.UniqueName()
 	first := startRing(t, name, ringtest.Options{Slots: 2})
 	client := dial(t, "shm://"+name)
 	if _, err := client.Echo(testCtx(t), []byte("first")); err != nil {
@@ -262,7 +258,7 @@ func TestReattachesToNextServerGeneration(t *testing.T) {
 func TestFallbackWhenRingMissing(t *testing.T) {
 	var logged bytes.Buffer
 	logger := slog.New(slog.NewTextHandler(&logged, nil))
-	client := dial(t, "shm://"+uniqueName(), WithFallback(startStreamServer(t, fakeModel)), WithLogger(logger))
+	client := dial(t, "shm://"+crosstest.UniqueName(), WithFallback(startStreamServer(t, fakeModel)), WithLogger(logger))
 	if client.Transport() != "unix" {
 		t.Fatalf("Transport() = %q, want the fallback's", client.Transport())
 	}
@@ -275,7 +271,7 @@ func TestFallbackWhenRingMissing(t *testing.T) {
 }
 
 func TestDialErrors(t *testing.T) {
-	for _, addr := range []string{"shm://" + uniqueName(), "unix:///nonexistent/s.sock"} {
+	for _, addr := range []string{"shm://" + crosstest.UniqueName(), "unix:///nonexistent/s.sock"} {
 		if _, err := Dial(testCtx(t), addr); !errors.Is(err, ErrServerGone) {
 			t.Errorf("Dial(%s) = %v, want ErrServerGone", addr, err)
 		}
@@ -288,7 +284,7 @@ func TestDialErrors(t *testing.T) {
 }
 
 func TestStreamCallbackErrorCancels(t *testing.T) {
-	name := uniqueName()
+	name := crosstest.UniqueName()
 	startRing(t, name, ringtest.Options{Slots: 1})
 	for _, addr := range []string{"shm://" + name, startStreamServer(t, fakeModel)} {
 		client := dial(t, addr, WithConns(1))
@@ -354,7 +350,7 @@ func TestIdleConnectionClosedByServerIsRetried(t *testing.T) {
 }
 
 func TestClosedClient(t *testing.T) {
-	name := uniqueName()
+	name := crosstest.UniqueName()
 	startRing(t, name, ringtest.Options{Slots: 1})
 	client := dial(t, "shm://"+name)
 	client.Close()

@@ -1,21 +1,17 @@
 package shmclient
 
 // Cross-language tests: this client against the real Python server, started
-// as `shmserve serve --model echo --transport shm,uds`. SHMSERVE_BIN names
-// the server (the Makefile sets it); without it the tests look for
-// ../../.venv/bin/shmserve and skip when that does not exist.
+// as `shmserve serve --model echo --transport shm,uds` under the sidecar
+// supervisor (see internal/crosstest for where the server comes from).
 
 import (
-	"bufio"
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -23,142 +19,62 @@ import (
 	"testing"
 	"time"
 
+	"github.com/shmserve/shmserve/goclient/internal/crosstest"
 	"github.com/shmserve/shmserve/goclient/internal/ring"
 	"github.com/shmserve/shmserve/goclient/protocol"
+	"github.com/shmserve/shmserve/goclient/sidecar"
 )
 
-// serverStartTimeout bounds the wait for the ready line: the echo model
-// loads nothing, so this is interpreter start-up on a loaded machine.
-const serverStartTimeout = 30 * time.Second
-
-type readyEvent struct {
-	Event      string   `json:"event"`
-	Name       string   `json:"name"`
-	Transports []string `json:"transports"`
-	Socket     string   `json:"socket"`
-	PID        int      `json:"pid"`
-	Generation string   `json:"generation"`
-}
-
+// pythonServer is one run of the server: the supervisor does not restart
+// it, so that a test kills and starts servers itself.
 type pythonServer struct {
-	cmd    *exec.Cmd
-	ready  readyEvent
-	stderr *syncBuffer
-	exited chan struct{}
-}
-
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
-func serverBinary(t *testing.T) string {
-	t.Helper()
-	bin := os.Getenv("SHMSERVE_BIN")
-	if bin == "" {
-		bin, _ = filepath.Abs(filepath.Join("..", "..", ".venv", "bin", "shmserve"))
-	}
-	if _, err := os.Stat(bin); err != nil {
-		t.Skipf("cross-language test needs the Python server: %v (set SHMSERVE_BIN, or run `make test`)", err)
-	}
-	return bin
-}
-
-// socketDir is short on purpose: a Unix socket path must fit 108 bytes.
-func socketDir(t *testing.T) string {
-	dir, err := os.MkdirTemp("", "shmc")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	return dir
+	*sidecar.Sidecar
 }
 
 // startPython runs the echo server for ring name and socket, waits for its
 // ready line, and stops it when the test ends, checking that it left
 // nothing of name in /dev/shm.
-func startPython(t *testing.T, name, socket string, extraArgs ...string) *pythonServer {
+func startPython(t *testing.T, name, socket string, extraArgs ...string) pythonServer {
 	t.Helper()
-	args := append([]string{"serve", "--model", "echo", "--transport", "shm,uds", "--name", name, "--socket", socket}, extraArgs...)
-	s := &pythonServer{cmd: exec.Command(serverBinary(t), args...), stderr: &syncBuffer{}, exited: make(chan struct{})}
-	s.cmd.Stderr = s.stderr
-	stdout, err := s.cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := s.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() {
-		s.cmd.Wait()
-		close(s.exited)
-	}()
-	t.Cleanup(func() {
-		s.stop(t)
-		assertNoRingObjects(t, name)
-	})
-	lines := make(chan string, 1)
-	go func() {
-		line, _ := bufio.NewReader(stdout).ReadString('\n')
-		lines <- line
-		io.Copy(io.Discard, stdout)
-	}()
-	select {
-	case line := <-lines:
-		if err := json.Unmarshal([]byte(line), &s.ready); err != nil || s.ready.Event != "ready" || s.ready.Name != name {
-			t.Fatalf("server's first line %q (%v), want a ready event for %s; stderr:\n%s", line, err, name, s.stderr)
-		}
-	case <-s.exited:
-		t.Fatalf("server exited before it was ready: %v; stderr:\n%s", s.cmd.ProcessState, s.stderr)
-	case <-time.After(serverStartTimeout):
-		t.Fatalf("server not ready after %v; stderr:\n%s", serverStartTimeout, s.stderr)
+	return startServer(t, "echo", name, append([]string{"--socket", socket}, extraArgs...)...)
+}
+
+func startServer(t *testing.T, model, name string, args ...string) pythonServer {
+	t.Helper()
+	s := pythonServer{crosstest.Start(t, sidecar.Config{
+		Model: model, Transport: "shm,uds", Name: name, Args: args, MaxRestartsPerMinute: -1,
+	})}
+	if got := s.Ready().Name; got != name {
+		t.Fatalf("server ready for ring %q, want %q", got, name)
 	}
 	return s
 }
 
+func (s pythonServer) signal(sig syscall.Signal) { syscall.Kill(s.Ready().PID, sig) }
+
 // stop asks the server to stop as an operator would (SIGTERM), and kills it
-// if it does not within 10s.
-func (s *pythonServer) stop(t *testing.T) {
-	select {
-	case <-s.exited:
-		return
-	default:
-	}
+// if it does not within crosstest.StopTimeout.
+func (s pythonServer) stop(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), crosstest.StopTimeout)
+	defer cancel()
 	// No SIGCONT "just in case" first: a signal pending on the main thread
 	// makes Linux hand SIGTERM to another thread, which the server's main
 	// thread, blocked in Event.wait(), never notices. Tests thaw what they
 	// freeze.
-	s.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-s.exited:
-	case <-time.After(10 * time.Second):
-		t.Errorf("server ignored SIGTERM for 10s; stderr:\n%s", s.stderr)
-		s.cmd.Process.Kill()
-		<-s.exited
+	if err := s.Stop(ctx); err != nil {
+		t.Error(err)
 	}
 }
 
 // freeze stops the server with SIGSTOP and returns once every one of its
 // threads is stopped (signal delivery is asynchronous).
-func (s *pythonServer) freeze(t *testing.T) {
+func (s pythonServer) freeze(t *testing.T) {
 	t.Helper()
-	s.cmd.Process.Signal(syscall.SIGSTOP)
+	s.signal(syscall.SIGSTOP)
 	deadline := time.Now().Add(5 * time.Second)
-	for !allThreadsStopped(s.cmd.Process.Pid) {
+	for !allThreadsStopped(s.Ready().PID) {
 		if time.Now().After(deadline) {
-			s.cmd.Process.Signal(syscall.SIGCONT)
+			s.signal(syscall.SIGCONT)
 			t.Fatal("server threads still running 5s after SIGSTOP")
 		}
 		time.Sleep(time.Millisecond)
@@ -177,22 +93,14 @@ func allThreadsStopped(pid int) bool {
 	return len(stats) > 0
 }
 
-func (s *pythonServer) kill() {
-	s.cmd.Process.Kill()
-	<-s.exited
-}
-
-func assertNoRingObjects(t *testing.T, name string) {
-	t.Helper()
-	for _, pattern := range []string{"shmserve." + name, "shmserve." + name + ".*", "sem.shmserve." + name + ".*"} {
-		if left, _ := filepath.Glob(filepath.Join("/dev/shm", pattern)); len(left) > 0 {
-			t.Errorf("the server left objects behind: %v", left)
-		}
-	}
+// kill SIGKILLs the server and returns once it is reaped.
+func (s pythonServer) kill() {
+	s.signal(syscall.SIGKILL)
+	<-s.Done()
 }
 
 func TestCrossLanguageEchoFrom16Goroutines(t *testing.T) {
-	name, socket := uniqueName(), filepath.Join(socketDir(t), "s.sock")
+	name, socket := crosstest.UniqueName(), filepath.Join(crosstest.SocketDir(t), "s.sock")
 	startPython(t, name, socket)
 	for _, addr := range []string{"shm://" + name, "unix://" + socket} {
 		t.Run(strings.SplitN(addr, ":", 2)[0], func(t *testing.T) {
@@ -218,8 +126,8 @@ func TestCrossLanguageEchoFrom16Goroutines(t *testing.T) {
 }
 
 func TestCrossLanguageClassicFramingOverUnix(t *testing.T) {
-	socket := filepath.Join(socketDir(t), "s.sock")
-	startPython(t, uniqueName(), socket)
+	socket := filepath.Join(crosstest.SocketDir(t), "s.sock")
+	startPython(t, crosstest.UniqueName(), socket)
 	conn, err := net.Dial("unix", socket)
 	if err != nil {
 		t.Fatal(err)
@@ -269,8 +177,8 @@ func TestCrossLanguageClassicFramingOverUnix(t *testing.T) {
 }
 
 func TestCrossLanguageUnknownTypeOverRing(t *testing.T) {
-	name := uniqueName()
-	startPython(t, name, filepath.Join(socketDir(t), "s.sock"))
+	name := crosstest.UniqueName()
+	startPython(t, name, filepath.Join(crosstest.SocketDir(t), "s.sock"))
 	r, err := ring.Attach(testCtx(t), name, ring.DefaultConfig())
 	if err != nil {
 		t.Fatal(err)
@@ -293,7 +201,7 @@ func TestCrossLanguageUnknownTypeOverRing(t *testing.T) {
 }
 
 func TestCrossLanguageUnsupportedByEchoModel(t *testing.T) {
-	name, socket := uniqueName(), filepath.Join(socketDir(t), "s.sock")
+	name, socket := crosstest.UniqueName(), filepath.Join(crosstest.SocketDir(t), "s.sock")
 	startPython(t, name, socket)
 	for _, addr := range []string{"shm://" + name, "unix://" + socket} {
 		client := dial(t, addr)
@@ -307,7 +215,7 @@ func TestCrossLanguageUnsupportedByEchoModel(t *testing.T) {
 }
 
 func TestCrossLanguageLargeEchoSpansFrames(t *testing.T) {
-	name, socket := uniqueName(), filepath.Join(socketDir(t), "s.sock")
+	name, socket := crosstest.UniqueName(), filepath.Join(crosstest.SocketDir(t), "s.sock")
 	startPython(t, name, socket, "--slot-reply-bytes", "4096")
 	for _, tc := range []struct {
 		addr string
@@ -332,7 +240,7 @@ func TestCrossLanguageLargeEchoSpansFrames(t *testing.T) {
 }
 
 func TestCrossLanguageDeadlineWhileServerIsFrozen(t *testing.T) {
-	name, socket := uniqueName(), filepath.Join(socketDir(t), "s.sock")
+	name, socket := crosstest.UniqueName(), filepath.Join(crosstest.SocketDir(t), "s.sock")
 	server := startPython(t, name, socket, "--slots", "1")
 	for _, addr := range []string{"shm://" + name, "unix://" + socket} {
 		client := dial(t, addr, WithConns(1))
@@ -342,7 +250,7 @@ func TestCrossLanguageDeadlineWhileServerIsFrozen(t *testing.T) {
 		_, err := client.Echo(ctx, []byte("frozen"))
 		elapsed := time.Since(start)
 		cancel()
-		server.cmd.Process.Signal(syscall.SIGCONT)
+		server.signal(syscall.SIGCONT)
 		if !errors.Is(err, context.DeadlineExceeded) || elapsed > time.Second {
 			t.Fatalf("%s: Echo to a frozen server = %v after %v, want DeadlineExceeded at 50ms", addr, err, elapsed)
 		}
@@ -355,7 +263,7 @@ func TestCrossLanguageDeadlineWhileServerIsFrozen(t *testing.T) {
 }
 
 func TestCrossLanguageServerRestart(t *testing.T) {
-	name, dir := uniqueName(), socketDir(t)
+	name, dir := crosstest.UniqueName(), crosstest.SocketDir(t)
 	first := startPython(t, name, filepath.Join(dir, "1.sock"))
 	client := dial(t, "shm://"+name)
 	if _, err := client.Echo(testCtx(t), []byte("first")); err != nil {
@@ -384,9 +292,9 @@ func TestCrossLanguageServerRestart(t *testing.T) {
 }
 
 func TestCrossLanguageFallbackToUnix(t *testing.T) {
-	socket := filepath.Join(socketDir(t), "s.sock")
-	startPython(t, uniqueName(), socket)
-	client := dial(t, "shm://"+uniqueName(), WithFallback("unix://"+socket))
+	socket := filepath.Join(crosstest.SocketDir(t), "s.sock")
+	startPython(t, crosstest.UniqueName(), socket)
+	client := dial(t, "shm://"+crosstest.UniqueName(), WithFallback("unix://"+socket))
 	if client.Transport() != "unix" {
 		t.Fatalf("Transport() = %q", client.Transport())
 	}

@@ -32,7 +32,7 @@ type benchTarget struct {
 func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("bench", "[flags]", benchSummary, stderr)
 	var conn connectionFlags
-	conn.register(fs, 10*time.Minute)
+	conn.register(fs, 10*time.Minute, "echo")
 	requests := fs.Int("n", 20000, "measured requests per address")
 	size := fs.Int("size", 3072, "bytes per ECHO request")
 	concurrency := fs.Int("c", 1, "requests in flight at once per address (goroutines; also the socket pool size)")
@@ -44,6 +44,11 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if *requests < 1 || *concurrency < 1 || *reps < 1 || *size < 0 || *warmup < 0 {
 		return fmt.Errorf("-n, -c and -reps must be at least 1, -size and -warmup at least 0")
 	}
+	ctx, stopServer, err := conn.startServer(ctx, stderr)
+	if err != nil {
+		return err
+	}
+	defer stopServer()
 	ctx, cancel := context.WithTimeout(ctx, conn.timeout)
 	defer cancel()
 	payload := make([]byte, *size)

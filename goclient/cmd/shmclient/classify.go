@@ -32,11 +32,16 @@ without keeping the aspect ratio, and transparent pixels become black.`
 func runClassify(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	flags := newFlagSet("classify", "[flags] FILE|DIR...", classifySummary, stderr)
 	var conn connectionFlags
-	conn.register(flags, 10*time.Second)
+	conn.register(flags, 10*time.Second, "cifar")
 	workers := flags.Int("c", 1, "images in flight at once")
 	if err := parseArgs(flags, args, 1, -1); err != nil {
 		return err
 	}
+	ctx, stopServer, err := conn.startServer(ctx, stderr)
+	if err != nil {
+		return err
+	}
+	defer stopServer()
 	paths, err := expandPaths(flags.Args())
 	if err != nil {
 		return err

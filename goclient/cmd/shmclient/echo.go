@@ -17,7 +17,7 @@ check every reply against its own request, and print a summary.`
 func runEcho(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("echo", "[flags] TEXT", echoSummary, stderr)
 	var conn connectionFlags
-	conn.register(fs, 5*time.Second)
+	conn.register(fs, 5*time.Second, "echo")
 	goroutines := fs.Int("c", 1, "goroutines sending at once")
 	count := fs.Int("n", 1, "requests in all, spread over the goroutines")
 	if err := parseArgs(fs, args, 1, 1); err != nil {
@@ -27,6 +27,11 @@ func runEcho(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if *goroutines < 1 || *count < 1 {
 		return fmt.Errorf("-c and -n must be at least 1")
 	}
+	ctx, stopServer, err := conn.startServer(ctx, stderr)
+	if err != nil {
+		return err
+	}
+	defer stopServer()
 	client, err := conn.dial(ctx, conn.addr, *goroutines, stderr)
 	if err != nil {
 		return err

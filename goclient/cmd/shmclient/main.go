@@ -6,7 +6,14 @@
 //	shmclient bench    [flags]                compare transports' latency and throughput
 //
 // Every subcommand takes -addr (shm://NAME, unix:///path or tcp://host:port)
-// and documents its flags with -h.
+// and documents its flags with -h. With -spawn, a subcommand starts the
+// server itself for its duration (`shmserve serve` serving the -addr
+// addresses, model from -spawn-model, more arguments in -spawn-args) and
+// stops it at exit:
+//
+//	shmclient classify -spawn -addr shm://demo DIR
+//
+// runs `shmserve serve --model cifar --transport shm,uds --name demo`.
 package main
 
 import (
@@ -94,15 +101,25 @@ type connectionFlags struct {
 	spin     time.Duration
 	spinners int
 	liveness time.Duration
+	spawn    spawnFlags
 }
 
-func (f *connectionFlags) register(fs *flag.FlagSet, timeout time.Duration) {
+// register adds the flags; spawnModel is the model -spawn serves unless
+// -spawn-model says otherwise.
+func (f *connectionFlags) register(fs *flag.FlagSet, timeout time.Duration, spawnModel string) {
 	fs.StringVar(&f.addr, "addr", "shm://default", "server address: shm://NAME, unix:///path/to.sock or tcp://host:port")
 	fs.StringVar(&f.fallback, "fallback", "", "address to use when -addr cannot be reached (e.g. unix:///tmp/shmserve.default.sock)")
 	fs.DurationVar(&f.timeout, "timeout", timeout, "deadline of each request (and of connecting)")
 	fs.DurationVar(&f.spin, "spin", 50*time.Microsecond, "shm: how long to poll for a reply before blocking; 0 blocks at once")
 	fs.IntVar(&f.spinners, "spinners", max(1, runtime.NumCPU()-1), "shm: most requests polling at once; the rest block at once")
 	fs.DurationVar(&f.liveness, "liveness", 50*time.Millisecond, "shm: how often a blocked request checks that the server lives")
+	f.spawn.register(fs, spawnModel)
+}
+
+// startServer runs the server for -spawn (see spawnFlags.start); the
+// command uses the returned ctx and calls stop when it is done.
+func (f *connectionFlags) startServer(ctx context.Context, stderr io.Writer) (context.Context, func(), error) {
+	return f.spawn.start(ctx, f.addr, stderr)
 }
 
 func (f *connectionFlags) dial(ctx context.Context, addr string, conns int, stderr io.Writer) (*shmclient.Client, error) {

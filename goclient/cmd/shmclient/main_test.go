@@ -3,17 +3,19 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"image"
 	"image/color"
 	"image/jpeg"
 	"image/png"
-	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
+	"github.com/shmserve/shmserve/goclient/internal/crosstest"
 	"github.com/shmserve/shmserve/goclient/internal/ring/ringtest"
 	"github.com/shmserve/shmserve/goclient/protocol"
 )
@@ -37,7 +39,7 @@ func labelByRed(_ context.Context, typ protocol.MsgType, body []byte) []ringtest
 
 func startServer(t *testing.T) string {
 	t.Helper()
-	name := fmt.Sprintf("t%d-%08x", os.Getpid(), rand.Uint32())
+	name := crosstest.UniqueName()
 	server, err := ringtest.Start(name, ringtest.Options{Slots: 4, Handler: labelByRed})
 	if err != nil {
 		t.Fatal(err)
@@ -150,4 +152,65 @@ func TestUsage(t *testing.T) {
 	if _, stderr, status := runCLI(t, "echo", "-addr", "shm://no-such-ring-here", "x"); status != 1 || !strings.Contains(stderr, "server gone") {
 		t.Fatalf("echo to a missing ring: %q %d", stderr, status)
 	}
+}
+
+func TestSpawnConfigFollowsTheAddresses(t *testing.T) {
+	for _, tc := range []struct {
+		addrs, transport, args string
+		want                   string // transport | name | args
+	}{
+		{"shm://demo", "", "", "shm,uds|demo|[]"},
+		{"shm://demo,unix:///tmp/d.sock,tcp://127.0.0.1:9999", "", "--slots 8", "shm,uds,tcp|demo|[--socket /tmp/d.sock --tcp-host 127.0.0.1 --tcp-port 9999 --slots 8]"},
+		{"tcp://[::1]:7000", "tcp,http", "", "tcp,http||[--tcp-host ::1 --tcp-port 7000]"},
+	} {
+		f := spawnFlags{model: "echo", transport: tc.transport, args: tc.args}
+		cfg, err := f.config(strings.Split(tc.addrs, ","))
+		if got := fmt.Sprintf("%s|%s|%v", cfg.Transport, cfg.Name, cfg.Args); err != nil || got != tc.want || cfg.Model != "echo" {
+			t.Errorf("%s: %s (model %s), %v; want %s", tc.addrs, got, cfg.Model, err, tc.want)
+		}
+	}
+	for _, addrs := range []string{"shm://a,shm://b", "http://localhost:8080", "tcp://nohostport"} {
+		if _, err := (&spawnFlags{}).config(strings.Split(addrs, ",")); err == nil {
+			t.Errorf("%s: no error", addrs)
+		}
+	}
+}
+
+func TestSpawnServesTheCommandAndStopsAtExit(t *testing.T) {
+	bin, name := crosstest.Binary(t), crosstest.UniqueName()
+	dir := t.TempDir()
+	writeImage(t, filepath.Join(dir, "a.png"), 32, 30, encodePNG)
+	writeImage(t, filepath.Join(dir, "b.jpg"), 48, 200, encodeJPEG)
+	stdout, stderr, status := runCLI(t, "classify", "-spawn", "-spawn-bin", bin, "-spawn-args", "--threads 1",
+		"-addr", "shm://"+name, dir)
+	lines := strings.Split(strings.TrimSpace(stdout), "\n")
+	if status != 0 || len(lines) != 3 || !strings.HasPrefix(lines[2], "classified 2 of 2 images over shm") {
+		t.Fatalf("classify -spawn: %q %q %d", stdout, stderr, status)
+	}
+	for i, file := range []string{"a.png", "b.jpg"} {
+		label := strings.TrimPrefix(lines[i], filepath.Join(dir, file)+" ")
+		if !slices.Contains(protocol.Labels[:], label) {
+			t.Errorf("line %d: %q", i, lines[i])
+		}
+	}
+	crosstest.AssertNoRingObjects(t, name)
+
+	socket := filepath.Join(crosstest.SocketDir(t), "s.sock")
+	stdout, stderr, status = runCLI(t, "echo", "-spawn", "-spawn-bin", bin, "-addr", "unix://"+socket, "-c", "2", "-n", "50", "hi")
+	if status != 0 || !strings.Contains(stdout, "50 replies over unix") {
+		t.Fatalf("echo -spawn over unix: %q %q %d", stdout, stderr, status)
+	}
+	if _, err := os.Stat(socket); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the spawned server's socket outlived the command: %v", err)
+	}
+}
+
+func TestSpawnFailureShowsTheServersError(t *testing.T) {
+	name := crosstest.UniqueName()
+	_, stderr, status := runCLI(t, "echo", "-spawn", "-spawn-bin", crosstest.Binary(t), "-spawn-args", "--slots zero",
+		"-addr", "shm://"+name, "x")
+	if status != 1 || !strings.Contains(stderr, "invalid int value: 'zero'") {
+		t.Fatalf("echo -spawn with a bad argument: %q %d", stderr, status)
+	}
+	crosstest.AssertNoRingObjects(t, name)
 }

@@ -13,12 +13,17 @@ const promptSummary = `Generate text from TEXT with at most -steps new tokens an
 func runPrompt(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("prompt", "[flags] TEXT", promptSummary, stderr)
 	var conn connectionFlags
-	conn.register(fs, 5*time.Minute)
+	conn.register(fs, 5*time.Minute, "gemma")
 	steps := fs.Int("steps", 64, "most tokens to generate (the server's sampling_steps)")
 	stream := fs.Bool("stream", false, "print chunks as they are generated")
 	if err := parseArgs(fs, args, 1, 1); err != nil {
 		return err
 	}
+	ctx, stopServer, err := conn.startServer(ctx, stderr)
+	if err != nil {
+		return err
+	}
+	defer stopServer()
 	client, err := conn.dial(ctx, conn.addr, 1, stderr)
 	if err != nil {
 		return err
