@@ -89,3 +89,24 @@ def echo_server():
     yield server
     server.kill()
     remove_leftovers(server.name)
+
+
+@pytest.fixture(scope="session")
+def shmclient(tmp_path_factory) -> str:
+    """The Go command-line client, built once per test session."""
+    binary = str(tmp_path_factory.mktemp("go") / "shmclient")
+    built = subprocess.run(["go", "build", "-o", binary, "./cmd/shmclient"],
+                           cwd=os.path.join(REPO, "goclient"), capture_output=True, text=True,
+                           timeout=600, env={**os.environ, "CGO_ENABLED": "1"})
+    assert built.returncode == 0, f"go build ./cmd/shmclient failed:\n{built.stderr}"
+    return binary
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_dir(tmp_path_factory) -> str:
+    """A tiny random Gemma checkpoint + tokenizer made by our own command, once per session."""
+    out = str(tmp_path_factory.mktemp("tiny-gemma"))
+    made = subprocess.run([sys.executable, "-m", "shmserve.cli", "make-tiny-gemma", out],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert made.returncode == 0, made.stderr
+    return out

@@ -10,9 +10,12 @@ What the library (gemma 4.0.1) allows, and how this engine uses it:
   `jax.lax.while_loop`, which is faster.
 * Every new batch size and every new prompt-length bucket is a new XLA
   compilation (seconds). Batches are therefore padded to a power of two
-  (extra rows repeat the first prompt; their output is dropped) and prompt
-  lengths to `_PAD_BUCKETS`. The persistent compilation cache makes a
-  restarted server pay compilation time only once per shape.
+  (extra rows repeat the first prompt; their output is dropped) and the
+  library pads prompts to the buckets in `_PAD_BUCKETS`. Its eager input
+  preparation still compiles a few small functions for each new exact
+  (batch size, longest prompt) pair: ~0.1-0.3 s on CPU, once per process.
+  The persistent compilation cache makes a restarted server pay compilation
+  time only once per shape.
 * The library pads each prompt batch to a length bucket and fails with an
   unclear shape error when that exceeds the cache, and it silently stops when
   the KV cache fills up. `generate` checks prompt + new tokens against the
@@ -45,12 +48,11 @@ DEFAULT_COMPILE_CACHE_DIR = os.path.join(
     os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "shmserve", "jax")
 
 # Release architectures that work with the plain text `gm.text.Sampler`
-# (name -> (gm.nn class, gm.text tokenizer class)). Gemma 3n and Gemma 4 need
-# other samplers and are not offered.
+# (name -> (gm.nn class, gm.text tokenizer class)). Not offered: Gemma 3n and
+# Gemma 4 need other samplers, and in gemma 4.0.1 the Sampler fails for every
+# Gemma 2 model (it reads BEGIN_OF_TOOL_RESPONSE, which Gemma2Tokenizer's
+# special tokens lack).
 RELEASE_VARIANTS = {
-    "gemma2-2b": ("Gemma2_2B", "Gemma2Tokenizer"),
-    "gemma2-9b": ("Gemma2_9B", "Gemma2Tokenizer"),
-    "gemma2-27b": ("Gemma2_27B", "Gemma2Tokenizer"),
     "gemma3-270m": ("Gemma3_270M", "Gemma3Tokenizer"),
     "gemma3-1b": ("Gemma3_1B", "Gemma3Tokenizer"),
     "gemma3-4b": ("Gemma3_4B", "Gemma3Tokenizer"),
@@ -130,7 +132,7 @@ class GemmaEngine:
         self.last_token_counts: list[int] = []
 
     def count_tokens(self, text: str) -> int:
-        """Tokens `text` occupies in the cache (BOS included)."""
+        """Tokens `text` occupies in the cache (BOS included); any thread."""
         return len(self._tokenizer.encode(text)) + 1
 
     def warmup(self, batch_sizes: Sequence[int] = (1,), stream: bool = True) -> float:
@@ -156,15 +158,12 @@ class GemmaEngine:
         its returned text. `last_token_counts` then holds the number of tokens
         generated per prompt.
         """
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a sequence of str, not one str")
         if not prompts:
             raise ProtocolError(ErrorCode.BAD_ARGUMENT, "no prompts")
-        if (not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool)
-                or not 1 <= max_new_tokens <= self.max_new_tokens_limit):
-            raise ProtocolError(ErrorCode.BAD_ARGUMENT,
-                                f"max_new_tokens={max_new_tokens!r} must be in "
-                                f"[1, {self.max_new_tokens_limit}]")
         for prompt in prompts:
-            self._check_prompt(prompt, max_new_tokens)
+            self.check_prompt(prompt, max_new_tokens)
         with self._lock:
             texts: list[str] = []
             counts: list[int] = []
@@ -178,15 +177,26 @@ class GemmaEngine:
             self.last_token_counts = counts
             return texts
 
-    def _check_prompt(self, prompt: str, max_new_tokens: int) -> None:
+    def check_prompt(self, prompt: str, max_new_tokens: int) -> None:
+        """Raises the ProtocolError `generate` would raise for this request.
+
+        Safe to call from any thread, also while `generate` runs.
+        """
+        if (not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool)
+                or not 1 <= max_new_tokens <= self.max_new_tokens_limit):
+            raise ProtocolError(ErrorCode.BAD_ARGUMENT,
+                                f"max_new_tokens={max_new_tokens!r} must be in "
+                                f"[1, {self.max_new_tokens_limit}]")
         if not isinstance(prompt, str):
-            raise ProtocolError(ErrorCode.BAD_ARGUMENT, f"prompt must be str, not {type(prompt).__name__}")
+            raise ProtocolError(ErrorCode.BAD_ARGUMENT,
+                                f"prompt must be str, not {type(prompt).__name__}")
         if not prompt:
             raise ProtocolError(ErrorCode.EMPTY_PROMPT, "empty prompt")
         try:
             prompt.encode("utf-8")
         except UnicodeEncodeError as exc:
-            raise ProtocolError(ErrorCode.INVALID_UTF8, f"prompt is not valid UTF-8: {exc}") from None
+            raise ProtocolError(ErrorCode.INVALID_UTF8,
+                                f"prompt is not valid UTF-8: {exc}") from None
         n = self.count_tokens(prompt)
         if n + max_new_tokens > self.cache_length:
             raise ProtocolError(
@@ -276,14 +286,16 @@ def _build_model(variant: str, checkpoint: str) -> tuple[Any, Any, bool]:
 
     from shmserve.models import tiny_gemma
 
+    unknown = f"unknown Gemma variant {variant!r}: it is not one of {sorted(RELEASE_VARIANTS)}"
     try:
         description = tiny_gemma.read_variant_file(checkpoint)
     except ValueError as exc:
-        raise ValueError(f"unknown Gemma variant {variant!r}: not one of "
-                         f"{sorted(RELEASE_VARIANTS)} and {exc}") from None
+        raise ValueError(f"{unknown}, and {exc}") from None
     if description["name"] != variant:
-        raise ValueError(f"checkpoint {checkpoint} holds variant {description['name']!r}, "
-                         f"not {variant!r}")
+        raise ValueError(f"{unknown}, and the checkpoint's {tiny_gemma.VARIANT_FILE} "
+                         f"names {description['name']!r}")
+    if description["tokenizer"] != "gemma3":
+        raise ValueError(f"unsupported tokenizer layout {description['tokenizer']!r}")
     config = tiny_gemma.config_from_json(description["config"])
     model = gm.nn.Transformer(config=config, dtype=jnp.dtype(description["dtype"]))
     return model, gm.text.Gemma3Tokenizer, False
