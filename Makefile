@@ -160,3 +160,26 @@ demo: $(VENV_SERVE) $(SHMCLIENT)
 clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache .hypothesis dist build
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# ---- bench (issue 5): transport comparison; see bench/README.md -----------------------
+BENCH_BUILD := bench/build
+
+.PHONY: bench bench-quick bench-build
+bench-build: $(BENCH_BUILD)/pingpong $(BENCH_BUILD)/gobench
+
+$(BENCH_BUILD)/pingpong: bench/floor/pingpong.c
+	mkdir -p $(@D)
+	gcc -O2 -Wall -Wextra -std=c11 -pthread -o $@ $<
+
+# Phony so `go build` always runs: it is incremental and tracks goclient/ itself.
+.PHONY: $(BENCH_BUILD)/gobench
+$(BENCH_BUILD)/gobench:
+	cd bench/gobench && $(GO) build -o ../build/gobench .
+
+# Full run: reference results under bench/results/ (about 6 minutes on 2 cores).
+bench: $(VENV_ALL) bench-build
+	$(VENV)/bin/python bench/run.py
+
+# Smoke run for CI: a few seconds per transport, results under bench/results/tmp/.
+bench-quick: $(VENV_ALL) bench-build
+	$(VENV)/bin/python bench/run.py --quick

@@ -104,8 +104,8 @@ class RingObjects:
         return fd
 
     def _sem_files(self) -> list[str]:
-        # Exactly this ring's names: a bare "NAME.*" would also match the semaphores of a
-        # live ring named "NAME.x" (names may contain dots) and unlink them.
+        # Exactly this ring's names, never another ring's whose name merely starts the same
+        # (when names could hold dots, "NAME.*" also matched a live ring "NAME.x").
         own = re.compile(re.escape(f"sem.shmserve.{self.name}.") + r"(req|s(0|[1-9][0-9]*))")
         pattern = os.path.join(self.shm_dir, glob.escape(f"sem.shmserve.{self.name}.") + "*")
         return [path for path in glob.glob(pattern) if own.fullmatch(os.path.basename(path))]

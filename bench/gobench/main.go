@@ -1,0 +1,232 @@
+// Command gobench is the Go side of the transport benchmark (bench/run.py).
+//
+// It reads a plan (JSON, on stdin), dials every target once, runs the plan's
+// cells in the order given (the orchestrator interleaves them across
+// repetitions), and writes one JSON line per cell to stdout: call count,
+// errors, elapsed time and the latency HdrHistogram in its standard V2
+// compressed base64 encoding, which the orchestrator decodes and merges.
+//
+// A cell keeps conc calls in flight, each from its own goroutine, in closed
+// loop: warm-up first, then the measured phase without a pause in between, so
+// neither side falls asleep at the switch.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	hdrhistogram "github.com/HdrHistogram/hdrhistogram-go"
+)
+
+// Plan is what the orchestrator asks for in one run of this program.
+type Plan struct {
+	Targets   map[string]TargetSpec `json:"targets"`
+	Cells     []Cell                `json:"cells"`
+	WarmupMS  int                   `json:"warmup_ms"`
+	MeasureMS int                   `json:"measure_ms"`
+	// MinCalls stretches a cell's measuring window (up to maxStretch) until
+	// that many calls completed in it: on a loaded machine one stalled call
+	// can outlast a short window.
+	MinCalls int64 `json:"min_calls"`
+}
+
+const maxStretch = 30 * time.Second
+
+// TargetSpec names one server endpoint. The URL scheme picks the client:
+// shm://, unix:// and tcp:// use the shmserve Go client library, http:// a
+// net/http JSON client, grpc:// grpc-go.
+type TargetSpec struct {
+	URL string `json:"url"`
+	// SpinUS is the ring client's spin budget; 0 blocks at once.
+	SpinUS float64 `json:"spin_us"`
+	// Conns is how many connections a stream or HTTP client keeps: at least
+	// the highest concurrency, so no call waits for a connection.
+	Conns int `json:"conns"`
+	// ServerPGID is the server's process group: the CPU time of all its
+	// processes (gunicorn workers too) is charged to the cells run against it.
+	ServerPGID int `json:"server_pgid"`
+}
+
+// Cell is one measurement.
+type Cell struct {
+	Target string `json:"target"`
+	// Op is echo, classify, classify_batch or prompt.
+	Op    string `json:"op"`
+	Size  int    `json:"size"`  // echo payload bytes
+	Conc  int    `json:"conc"`  // calls in flight
+	Batch int    `json:"batch"` // images per classify_batch call
+	// Prompt and MaxNewTokens define a prompt call.
+	Prompt       string `json:"prompt"`
+	MaxNewTokens int    `json:"max_new_tokens"`
+}
+
+// Result is one output line.
+type Result struct {
+	Cell
+	Count      int64  `json:"count"`
+	Errors     int64  `json:"errors"`
+	FirstError string `json:"first_error,omitempty"`
+	ElapsedNS  int64  `json:"elapsed_ns"`
+	// Units is how many items one call carries: images for classify_batch, else 1.
+	Units      int    `json:"units"`
+	Histogram  string `json:"hist"`
+	GoMaxProcs int    `json:"gomaxprocs"`
+	// CPU seconds used during the measured window by this process and by
+	// the server's process group: what spinning or a heavy stack costs.
+	ClientCPU float64 `json:"client_cpu_s"`
+	ServerCPU float64 `json:"server_cpu_s"`
+}
+
+// Latencies are recorded in ns from 1 ns to a minute at 3 significant digits.
+const (
+	histMin    = 1
+	histMax    = int64(time.Minute)
+	histDigits = 3
+)
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "gobench:", err)
+		os.Exit(1)
+	}
+}
+
+func run() error {
+	var plan Plan
+	if err := json.NewDecoder(os.Stdin).Decode(&plan); err != nil {
+		return fmt.Errorf("reading the plan: %w", err)
+	}
+	targets := map[string]Target{}
+	pgids := map[string]int{}
+	defer func() {
+		for _, t := range targets {
+			t.Close()
+		}
+	}()
+	ctx := context.Background()
+	for name, spec := range plan.Targets {
+		t, err := Dial(ctx, spec)
+		if err != nil {
+			return fmt.Errorf("target %s (%s): %w", name, spec.URL, err)
+		}
+		targets[name] = t
+		pgids[name] = spec.ServerPGID
+	}
+	out := json.NewEncoder(os.Stdout)
+	warmup := time.Duration(plan.WarmupMS) * time.Millisecond
+	measure := time.Duration(plan.MeasureMS) * time.Millisecond
+	for _, cell := range plan.Cells {
+		t, ok := targets[cell.Target]
+		if !ok {
+			return fmt.Errorf("cell names unknown target %q", cell.Target)
+		}
+		result, err := runCell(ctx, t, cell, warmup, measure, plan.MinCalls, pgids[cell.Target])
+		if err != nil {
+			return fmt.Errorf("%s %s size %d conc %d: %w", cell.Target, cell.Op, cell.Size, cell.Conc, err)
+		}
+		if err := out.Encode(result); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+const (
+	phaseWarmup int32 = iota
+	phaseMeasure
+	phaseStop
+)
+
+// counter is one worker's count of measured calls, alone on its cache line
+// so that the workers do not slow each other down by counting.
+type counter struct {
+	atomic.Int64
+	_ [56]byte
+}
+
+func runCell(ctx context.Context, t Target, cell Cell, warmup, measure time.Duration, minCalls int64, pgid int) (Result, error) {
+	calls := make([]Call, cell.Conc)
+	units := 1
+	for i := range calls {
+		call, n, err := t.Call(cell)
+		if err != nil {
+			return Result{}, err
+		}
+		calls[i], units = call, n
+	}
+	hists := make([]*hdrhistogram.Histogram, cell.Conc)
+	counts := make([]counter, cell.Conc)
+	var phase atomic.Int32
+	var errCount atomic.Int64
+	var firstErr atomic.Pointer[string]
+	var wg sync.WaitGroup
+	for i, call := range calls {
+		hist := hdrhistogram.New(histMin, histMax, histDigits)
+		hists[i] = hist
+		count := &counts[i]
+		wg.Go(func() {
+			for {
+				p := phase.Load()
+				if p == phaseStop {
+					return
+				}
+				start := time.Now()
+				err := call(ctx)
+				took := time.Since(start)
+				if err != nil {
+					// A failing call is a broken bench, not a data point: stop
+					// this worker and report the first cause.
+					errCount.Add(1)
+					msg := err.Error()
+					firstErr.CompareAndSwap(nil, &msg)
+					return
+				}
+				if p == phaseMeasure {
+					hist.RecordValue(took.Nanoseconds())
+					count.Add(1)
+				}
+			}
+		})
+	}
+	time.Sleep(warmup)
+	phase.Store(phaseMeasure)
+	started := time.Now()
+	clientCPU, serverCPU := selfCPU(), groupCPU(pgid)
+	time.Sleep(measure)
+	for deadline := started.Add(maxStretch); time.Now().Before(deadline) && errCount.Load() == 0; {
+		total := int64(0)
+		for i := range counts {
+			total += counts[i].Load()
+		}
+		if total >= minCalls {
+			break
+		}
+		time.Sleep(time.Millisecond)
+	}
+	phase.Store(phaseStop)
+	wg.Wait()
+	elapsed := time.Since(started)
+	clientCPU, serverCPU = selfCPU()-clientCPU, groupCPU(pgid)-serverCPU
+
+	merged := hdrhistogram.New(histMin, histMax, histDigits)
+	for _, h := range hists {
+		merged.Merge(h)
+	}
+	encoded, err := merged.Encode(hdrhistogram.V2CompressedEncodingCookieBase)
+	if err != nil {
+		return Result{}, err
+	}
+	result := Result{Cell: cell, Count: merged.TotalCount(), Errors: errCount.Load(),
+		ElapsedNS: elapsed.Nanoseconds(), Units: units, Histogram: string(encoded),
+		GoMaxProcs: runtime.GOMAXPROCS(0), ClientCPU: clientCPU, ServerCPU: serverCPU}
+	if msg := firstErr.Load(); msg != nil {
+		result.FirstError = *msg
+	}
+	return result, nil
+}

@@ -1,0 +1,1 @@
+"""Deployment files (Containerfile, Kubernetes manifest) and the sidecar's readiness probe."""
