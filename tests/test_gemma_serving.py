@@ -125,3 +125,22 @@ def test_go_client_streams_the_same_text(gemma_server, shmclient, expected, tran
                              timeout=120)
         assert run.returncode == 0, run.stderr
         assert run.stdout.rstrip("\n") == expected
+
+
+def test_sigterm_after_prompts_removes_every_object(tiny_gemma_dir, tmp_path):
+    from conftest import ring_objects
+    server = Server("--model", "gemma", "--variant", "tiny", "--cache-length", "128",
+                    "--max-new-tokens", "64", "--transport", "shm",
+                    "--checkpoint", os.path.join(tiny_gemma_dir, "checkpoint"),
+                    "--tokenizer", os.path.join(tiny_gemma_dir, "tokenizer.model"),
+                    ready_timeout=300, env={"XDG_CACHE_HOME": str(tmp_path)})
+    try:
+        client = RingClient(server.name)
+        client.prompt(PROMPT, 4)
+        list(client.frames(MsgType.PROMPT_STREAM, encode_prompt(PROMPT, 4), 60))
+        client.close()
+        assert server.stop() == 0, server.stderr
+        assert ring_objects(server.name) == []
+    finally:
+        server.kill()
+        remove_leftovers(server.name)

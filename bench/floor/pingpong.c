@@ -14,11 +14,11 @@
 //       POLLS_PER_YIELD polls, the same policy as the Go client's waiter, so a
 //       loaded 2-core machine cannot turn two spinners into a scheduler stall.
 //
-// --cpus pins the two processes to two CPUs. Spinning presumes both sides run
-// at once, so its floor is measured pinned apart: left to the scheduler on a
-// busy machine, the two sometimes share a core and each hand-off then waits
-// for a yield. (A blocking hand-off is fastest where the kernel puts the woken
-// process itself, so the orchestrator leaves sem unpinned.)
+// --cpus pins the client and the server process (the same CPU twice is allowed).
+// A floor is the best this machine allows, so the orchestrator runs spin on two
+// CPUs (left to the scheduler on a busy machine, the two sometimes share a core,
+// and each hand-off then waits for a yield) and sem both on one CPU and on two
+// (a wake-up across CPUs can cost far more than one within a CPU on a VM).
 //
 // The semaphores are unnamed process-shared ones inside the mapping: glibc's
 // named semaphores are the same futex word in a /dev/shm file, so the cost is

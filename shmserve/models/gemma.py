@@ -42,6 +42,9 @@ class GemmaModel(Model):
         for request in requests:
             try:
                 prompt, steps = decode_prompt(request.body)
+                # The prompt is copied out: drop the view into the transport's buffer (a ring
+                # slot), which must not outlive the request or the mapping.
+                request.body = b""
                 self.engine.check_prompt(prompt, steps)
             except ProtocolError as exc:
                 request.fail(exc.code, exc.message)

@@ -160,9 +160,13 @@ class RingObjects:
 
     def close(self) -> None:
         """Section 11 Stop, last steps: wake every waiter, unlink everything, drop the lock.
-        Every view of ``mm`` must be released first."""
+        Views of ``mm`` should be released first; one still held (a request body a model
+        thread kept) must not stop the unlinks, so the mapping is then left to process exit."""
         self.set_state(L.ServerState.STOPPED)
-        self.mm.close()
+        try:
+            self.mm.close()
+        except BufferError:
+            log.debug("ring mapping still referenced at stop; unmapped at exit")
         for sem in self.slot_sems:
             _wake(sem)
         for sem in [self.request_sem, *self.slot_sems]:
