@@ -25,6 +25,7 @@ import importlib
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -49,6 +50,8 @@ def load_properties(chunk: int):
 
 def run_property(name: str, examples: int, engine: str, chunk: int, max_seconds: float) -> dict:
     import logging
+    # Killed with SIGTERM, still unlink the in-process ring the ring property created.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     logging.getLogger("shmserve").setLevel(logging.ERROR)  # one warning per reclaimed slot
     module = load_properties(chunk)
     test = getattr(module, name)
@@ -90,33 +93,40 @@ def run_property(name: str, examples: int, engine: str, chunk: int, max_seconds:
 BUFFER_BYTES = 8192
 
 
-def report(results: list[dict], args, wall: float) -> str:
+HEADER = """# Python property fuzzing (hypothesis)
+
+The properties of tests/test_properties.py, run far beyond the few hundred derandomized
+examples `make test` gives each. Inputs are random byte strings decoded by each property's
+own strategies through hypothesis' `fuzz_one_input` (unless a run says `--engine search`);
+only inputs that decoded and ran the property body are counted. `seconds` is wall time of
+the worker that ran the property, so it includes whatever else shared the CPUs.
+"""
+
+
+def source_state() -> str:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                             capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--", "shmserve", "tests"], cwd=REPO,
                            capture_output=True, text=True).stdout.strip()
+    return f"{commit}{' + uncommitted changes in shmserve/ or tests/' if dirty else ''}"
+
+
+def report(results: list[dict], args, wall: float, started: datetime.datetime,
+           source: str) -> str:
     import hypothesis
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                 if line.startswith("model name")), platform.processor())
     lines = [
-        "# Python property fuzzing (hypothesis)",
+        f"## Run of {started:%Y-%m-%d %H:%M} UTC",
         "",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"- commit: {commit}{' + uncommitted changes in shmserve/ or tests/' if dirty else ''}",
+        f"- code: {source} (at the start of the run)",
         f"- machine: {cpu}, {os.cpu_count()} CPUs; Python {platform.python_version()}, "
         f"hypothesis {hypothesis.__version__}",
         f"- command: `.venv/bin/python bench/fuzz_python.py {shlex.join(sys.argv[1:])}`",
-        f"- wall time: {wall / 60:.1f} min with {args.jobs} worker process(es)",
+        f"- engine: {args.engine}; wall time {wall / 60:.1f} min with {args.jobs} worker "
+        "process(es)",
         "",
-        ("Inputs are random byte strings decoded by each property's own strategies through "
-         "hypothesis' `fuzz_one_input`; only inputs that decoded and ran the property body are "
-         "counted." if args.engine == "buffers" else
-         "Every property ran hypothesis' search engine in chunks of fresh random seeds "
-         "(derandomize off, no example database)."),
-        "The short derandomized versions of the same properties run in `make test` "
-        "(tests/test_properties.py).",
-        "",
-        "| property | target | inputs executed | CPU-seconds | inputs/s | result |",
+        "| property | target | inputs executed | seconds | inputs/s | result |",
         "|---|---:|---:|---:|---:|---|",
     ]
     for r in results:
@@ -129,7 +139,7 @@ def report(results: list[dict], args, wall: float) -> str:
     lines += ["", f"Total: {total:,} inputs.", ""]
     for r in results:
         if r["failure"]:
-            lines += [f"## {r['name']} failed", "", "```", r["failure"].rstrip(), "```", ""]
+            lines += [f"### {r['name']} failed", "", "```", r["failure"].rstrip(), "```", ""]
     return "\n".join(lines)
 
 
@@ -150,6 +160,8 @@ def main() -> int:
                         help="per-property time limit; a property that hits it is reported "
                         "with the count it reached")
     parser.add_argument("--out", default=None, help="markdown report path")
+    parser.add_argument("--append", action="store_true",
+                        help="add this run as a new section of --out instead of replacing it")
     args = parser.parse_args()
 
     names = args.only or property_names()
@@ -159,7 +171,8 @@ def main() -> int:
         if name not in targets:
             parser.error(f"--set {item}: no property {name!r}")
         targets[name] = int(count)
-    started = time.monotonic()
+    started, started_at, source = time.monotonic(), datetime.datetime.now(datetime.timezone.utc), \
+        source_state()
     with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
         # Biggest targets first, so the pool does not end on one long straggler.
         futures = {pool.submit(run_property, name, targets[name], args.engine, args.chunk,
@@ -173,10 +186,11 @@ def main() -> int:
                   f"{result['seconds']:.0f} s{' FAILED' if result['failure'] else ''}",
                   flush=True)
     results.sort(key=lambda r: names.index(r["name"]))
-    text = report(results, args, time.monotonic() - started)
+    text = report(results, args, time.monotonic() - started, started_at, source)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+        keep = args.append and os.path.exists(args.out)
+        with open(args.out, "a" if keep else "w") as f:
+            f.write(("\n" if keep else HEADER + "\n") + text)
     print(text)
     return 1 if any(r["failure"] for r in results) else 0
 

@@ -291,13 +291,13 @@ class RingHarness:
         self.mm = t.objects.mm
         self.base = g.slot_offset(self.SLOT)
         self.published = []
-        write_frame = t._write_frame
+        publish = t._publish  # every frame, echo answered in place included, goes through it
 
-        def recording_write_frame(*args):
-            write_frame(*args)
+        def recording_publish(*args):
+            publish(*args)
             self.published.append(self.read_frame())
 
-        t._write_frame = recording_write_frame
+        t._publish = recording_publish
 
     def read_frame(self):
         seq, req_seq, req_id, length, ftype, flags = struct.unpack_from(
