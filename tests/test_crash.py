@@ -12,24 +12,10 @@ import time
 import posix_ipc
 import pytest
 
-from conftest import REPO, ring_objects
+from conftest import ring_objects
 from shmserve import layout as L
 from shmserve.client import RingClient
 
-GOCLIENT = os.path.join(REPO, "goclient")
-
-
-@pytest.fixture(scope="session")
-def shmclient(tmp_path_factory) -> str:
-    """The Go command-line client, built once per test session."""
-    if not os.path.exists(os.path.join(GOCLIENT, "cmd", "shmclient", "main.go")):
-        pytest.skip("goclient/cmd/shmclient does not exist yet")
-    binary = str(tmp_path_factory.mktemp("go") / "shmclient")
-    built = subprocess.run(["go", "build", "-o", binary, "./cmd/shmclient"], cwd=GOCLIENT,
-                           capture_output=True, text=True, timeout=600,
-                           env={**os.environ, "CGO_ENABLED": "1"})
-    assert built.returncode == 0, f"go build ./cmd/shmclient failed:\n{built.stderr}"
-    return binary
 
 
 def owners(name: str) -> list[int]:
