@@ -55,6 +55,8 @@ help:
 	@echo "make venv-serve  .venv with only core + serve + http (fast; enough for the demo)"
 	@echo "make demo        start the sidecar (CIFAR-10 model), drive it from Go, print results"
 	@echo "make test        go tests in goclient/ and pytest tests/ against .venv"
+	@echo "make bench       transport comparison, reference results under bench/results/ (~7 min)"
+	@echo "make bench-quick the same as a ~20 s smoke run (bench/results/tmp/)"
 	@echo "make lock        re-resolve uv.lock after editing pyproject.toml"
 	@echo "make versions    print the toolchain this Makefile will use"
 	@echo "make clean       remove .venv, .tools and caches"
