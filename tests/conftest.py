@@ -75,6 +75,11 @@ def start_server():
         return server
 
     yield start
+    stop_all(servers)
+
+
+def stop_all(servers) -> None:
+    """Kill each server and remove whatever it left, whether or not its test passed."""
     for server in servers:
         server.kill()
         remove_leftovers(server.name)
@@ -110,3 +115,14 @@ def tiny_gemma_dir(tmp_path_factory) -> str:
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert made.returncode == 0, made.stderr
     return out
+
+
+def parse_replies(data: bytes) -> list:
+    """Packets back to back -> [(type, body or the ERROR code)]."""
+    from shmserve.protocol import MsgType, decode_error, decode_packet
+    replies, offset = [], 0
+    while offset < len(data):
+        msg_type, body, used = decode_packet(memoryview(data)[offset:])
+        replies.append((msg_type, decode_error(body)[0] if msg_type == MsgType.ERROR else body))
+        offset += used
+    return replies

@@ -12,10 +12,9 @@ import time
 import posix_ipc
 import pytest
 
-from conftest import ring_objects
+from conftest import remove_leftovers, ring_objects
 from shmserve import layout as L
 from shmserve.client import RingClient
-
 
 
 def owners(name: str) -> list[int]:
@@ -120,17 +119,24 @@ def test_restart_cleans_only_its_own_stale_objects(start_server):
     object: stale-object removal matches names exactly, not by prefix."""
     first = start_server("--model", "echo", "--transport", "shm", "--slots", "2")
     name = first.name
+    # The fixture cleans up by each server's generated name, not by a --name given here.
     neighbour = start_server("--model", "echo", "--transport", "shm", "--slots", "2",
                              "--name", f"{name}-b")
-    first.stop(signal.SIGKILL)
-    theirs = ring_objects(f"{name}-b")
-    assert theirs and all(os.path.exists(p) for p in theirs)
-    again = start_server("--model", "echo", "--transport", "shm", "--slots", "2", "--name", name)
-    assert again.stop() == 0  # a clean stop unlinks its own objects, too
-    assert not os.path.exists(f"/dev/shm/shmserve.{name}")
-    assert not os.path.exists(f"/dev/shm/sem.shmserve.{name}.req")
-    assert all(os.path.exists(p) for p in theirs), "a restart removed a live neighbour's objects"
-    client = RingClient(f"{name}-b")  # opens every semaphore by name: all must still exist
-    assert client.echo(b"neighbour") == b"neighbour"
-    client.close()
-    assert neighbour.proc.poll() is None
+    try:
+        first.stop(signal.SIGKILL)
+        theirs = ring_objects(f"{name}-b")
+        assert theirs and all(os.path.exists(p) for p in theirs)
+        again = start_server("--model", "echo", "--transport", "shm", "--slots", "2",
+                             "--name", name)
+        assert again.stop() == 0  # a clean stop unlinks its own objects, too
+        assert not os.path.exists(f"/dev/shm/shmserve.{name}")
+        assert not os.path.exists(f"/dev/shm/sem.shmserve.{name}.req")
+        assert all(os.path.exists(p) for p in theirs), \
+            "a restart removed a live neighbour's objects"
+        client = RingClient(f"{name}-b")  # opens every semaphore by name: all must exist
+        assert client.echo(b"neighbour") == b"neighbour"
+        client.close()
+        assert neighbour.proc.poll() is None
+    finally:
+        neighbour.kill()
+        remove_leftovers(f"{name}-b")

@@ -18,7 +18,7 @@ import time
 import posix_ipc
 import pytest
 
-from conftest import REPO, ring_objects
+from conftest import REPO, parse_replies, ring_objects
 from shmserve import layout as L
 from shmserve.client import PacketClient, RingClient
 from shmserve.protocol import (ErrorCode, FramingError, MsgType, decode_error, decode_packet,
@@ -454,15 +454,6 @@ def expected_replies(stream: bytes) -> list:
             replies.append((MsgType.ERROR, ErrorCode.BAD_LENGTH))
         else:
             replies.append((MsgType.ERROR, ErrorCode.UNSUPPORTED))
-    return replies
-
-
-def parse_replies(data: bytes) -> list:
-    replies, offset = [], 0
-    while offset < len(data):
-        msg_type, body, used = decode_packet(memoryview(data)[offset:])
-        replies.append((msg_type, decode_error(body)[0] if msg_type == MsgType.ERROR else body))
-        offset += used
     return replies
 
 

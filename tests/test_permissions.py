@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, Server, remove_leftovers, ring_objects
+from conftest import REPO, Server, ring_objects, stop_all
 from shmserve.client import RingClient
 
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -160,11 +160,7 @@ def group_server(accounts):
         return server
 
     yield start
-    for server in servers:
-        server.kill()
-        remove_leftovers(server.name)
-        if os.path.exists(server.socket):
-            os.unlink(server.socket)
+    stop_all(servers)
 
 
 def probe(user: str, server, mode: str = "look") -> dict:

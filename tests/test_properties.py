@@ -23,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import parse_replies
 from shmserve import layout as L
 from shmserve.dispatch import Dispatcher
 from shmserve.models import Model
@@ -502,12 +503,7 @@ def read_replies(sock: socket.socket) -> list:
             data += chunk
     except ConnectionResetError:
         pass  # the server closed with our unread input queued: data before it still arrives
-    replies, offset = [], 0
-    while offset < len(data):
-        msg_type, body, used = decode_packet(memoryview(data)[offset:])
-        replies.append((msg_type, decode_error(body)[0] if msg_type == MsgType.ERROR else body))
-        offset += used
-    return replies
+    return parse_replies(data)
 
 
 @examples(150)
