@@ -92,8 +92,7 @@ def echo_server():
     server = Server("--model", "echo", "--transport", "shm,uds,tcp", "--tcp-port", "0",
                     "--slot-reply-bytes", "4096", "--slots", "16")
     yield server
-    server.kill()
-    remove_leftovers(server.name)
+    stop_all([server])
 
 
 @pytest.fixture(scope="session")

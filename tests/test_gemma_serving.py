@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import Server, remove_leftovers
+from conftest import Server, stop_all
 from shmserve.client import PacketClient, RingClient, ServerError
 from shmserve.protocol import ErrorCode, MsgType, PROMPT_HEADER, encode_prompt
 
@@ -26,8 +26,7 @@ def gemma_server(tiny_gemma_dir, tmp_path_factory):
                     "--max-new-tokens", "64", "--transport", "shm,uds,http", "--port", "0",
                     ready_timeout=300, env=env)
     yield server
-    server.kill()
-    remove_leftovers(server.name)
+    stop_all([server])
 
 
 @pytest.fixture(scope="module")
@@ -142,5 +141,4 @@ def test_sigterm_after_prompts_removes_every_object(tiny_gemma_dir, tmp_path):
         assert server.stop() == 0, server.stderr
         assert ring_objects(server.name) == []
     finally:
-        server.kill()
-        remove_leftovers(server.name)
+        stop_all([server])

@@ -7,11 +7,10 @@ import pytest
 
 @pytest.fixture(scope="module")
 def http_server():
-    from conftest import Server, remove_leftovers
+    from conftest import Server, stop_all
     server = Server("--model", "echo", "--transport", "http", "--port", "0")
     yield server
-    server.kill()
-    remove_leftovers(server.name)
+    stop_all([server])
 
 
 def post(server, path, body, method="POST"):
