@@ -51,6 +51,9 @@ class ProtocolError(Exception):
 
 
 IMAGE_BYTES = 3 * 32 * 32
+# CIFAR-10 class names by ScoreRecord class index (section 3).
+LABELS: tuple[str, ...] = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
+                           "horse", "ship", "truck")
 SCORE_CLASSES = 10
 # ScoreRecord: u8 class index, 3 bytes zero, 10 x f32 probabilities.
 SCORE_RECORD = struct.Struct("<B3x10f")

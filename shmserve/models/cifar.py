@@ -26,10 +26,9 @@ import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
 from shmserve.models import Model
-from shmserve.protocol import IMAGE_BYTES, ErrorCode, MsgType, ProtocolError, encode_scores
+from shmserve.protocol import (IMAGE_BYTES, LABELS, ErrorCode, MsgType, ProtocolError,
+                               encode_scores)
 
-LABELS: tuple[str, ...] = ("airplane", "automobile", "bird", "cat", "deer",
-                           "dog", "frog", "horse", "ship", "truck")
 IMAGE_SHAPE = (3, 32, 32)  # planes x rows x columns: IMAGE_BYTES bytes
 
 DEFAULT_MODEL_PATH: Path = Path(__file__).resolve().parent.parent / "assets" / "cifar10_cnn.tflite"

@@ -9,14 +9,12 @@ import logging
 import threading
 
 from ..dispatch import Request
-from ..protocol import (MAX_PACKET_BODY, ErrorCode, MsgType, decode_error,
+from ..protocol import (LABELS, MAX_PACKET_BODY, ErrorCode, MsgType, decode_error,
                         decode_scores, encode_prompt)
 
 log = logging.getLogger("shmserve.http")
 
 _STATUS = {ErrorCode.TOO_LARGE: 413, ErrorCode.INTERNAL: 500, ErrorCode.SHUTTING_DOWN: 503}
-LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-          "truck")
 
 
 class HttpRequest(Request):

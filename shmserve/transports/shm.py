@@ -37,7 +37,6 @@ assert L.S_FRAME_REQ_SEQ + 4 == L.S_FRAME_REQ_ID and L.S_FRAME_FLAGS == L.S_FRAM
 _REQUEST_FIELDS = struct.Struct("<QIB")  # req_id, req_len, req_type
 assert L.S_REQ_ID + 8 == L.S_REQ_LEN and L.S_REQ_LEN + 4 == L.S_REQ_TYPE
 
-DEAD_CLIENT_CHECK_S = 1.0
 LOCK_RETRY_S = 0.2
 _U32 = 0xFFFFFFFF
 # Payload types that are already flat bytes; anything else (numpy arrays) is cast once.
