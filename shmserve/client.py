@@ -45,6 +45,8 @@ class RingClient:
         finally:
             shm.close_fd()
         self.geometry, self.generation = L.parse_header(self.mm, len(self.mm))
+        self._words32 = memoryview(self.mm).cast("I")
+        self._words64 = memoryview(self.mm).cast("Q")
         self.request_sem = posix_ipc.Semaphore(L.request_sem_name(name))
         self.slot_sems = [posix_ipc.Semaphore(L.slot_sem_name(name, i))
                           for i in range(self.geometry.slot_count)]
@@ -57,17 +59,22 @@ class RingClient:
     def close(self) -> None:
         for sem in [self.request_sem, *self.slot_sems]:
             sem.close()
+        self._words32.release()
+        self._words64.release()
         self.mm.close()
 
+    # Words go through memoryview casts: one aligned 4- or 8-byte load/store each. struct
+    # packs little-endian integers byte by byte, so a concurrent reader could see a torn word
+    # (an owner pid that names no process, a req_seq that was never published).
     def _u32(self, offset: int) -> int:
-        return struct.unpack_from("<I", self.mm, offset)[0]
+        return self._words32[offset >> 2]
 
     def _put_u32(self, offset: int, value: int) -> None:
-        struct.pack_into("<I", self.mm, offset, value & 0xFFFFFFFF)
+        self._words32[offset >> 2] = value & 0xFFFFFFFF
 
     def _ring(self) -> None:
-        bell = struct.unpack_from("<Q", self.mm, L.H_DOORBELL)[0]
-        struct.pack_into("<Q", self.mm, L.H_DOORBELL, (bell + 1) & (1 << 64) - 1)
+        index = L.H_DOORBELL >> 3
+        self._words64[index] = (self._words64[index] + 1) & (1 << 64) - 1
         if self.request_sem.value == 0:
             self.request_sem.release()
 
