@@ -13,7 +13,6 @@ import fcntl
 import mmap
 import os
 import socket
-import struct
 import sys
 import time
 
@@ -42,7 +41,10 @@ def check_ring(name: str, max_heartbeat_age_s: float, shm_dir: str = "/dev/shm")
                 _, generation = L.parse_header(ring, size)
             except L.LayoutError as exc:
                 raise NotReady(f"{path}: {exc}") from None
-            state, heartbeat = struct.unpack_from("<I4xQ", ring, L.H_SERVER_STATE)
+            # One load per word: the server rewrites both while we read (spec section 10).
+            with memoryview(ring)[:L.HEADER_SIZE] as header, header.cast("I") as u32, \
+                    header.cast("Q") as u64:
+                state, heartbeat = u32[L.H_SERVER_STATE >> 2], u64[L.H_HEARTBEAT_NS >> 3]
     finally:
         os.close(fd)
     _check_lock_held(L.lock_path(name, shm_dir))

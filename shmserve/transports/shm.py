@@ -134,6 +134,9 @@ class RingObjects:
             self.mm = mmap.mmap(shm.fd, g.total_size)
         finally:
             shm.close_fd()
+        # Clients read state and heartbeat while they change: whole-word stores (section 10).
+        self._words32 = memoryview(self.mm).cast("I")
+        self._words64 = memoryview(self.mm).cast("Q")
         self.request_sem = self._make_sem(L.request_sem_name(self.name))
         self.slot_sems = [self._make_sem(L.slot_sem_name(self.name, i)) for i in range(g.slot_count)]
         mm = self.mm
@@ -152,16 +155,18 @@ class RingObjects:
         return sem
 
     def set_state(self, state: L.ServerState) -> None:
-        struct.pack_into("<I", self.mm, L.H_SERVER_STATE, state)
+        self._words32[L.H_SERVER_STATE >> 2] = state
 
     def heartbeat(self) -> None:
-        struct.pack_into("<Q", self.mm, L.H_HEARTBEAT_NS, time.monotonic_ns())
+        self._words64[L.H_HEARTBEAT_NS >> 3] = time.monotonic_ns()
 
     def close(self) -> None:
         """Section 11 Stop, last steps: wake every waiter, unlink everything, drop the lock.
         Views of ``mm`` should be released first; one still held (a request body a model
         thread kept) must not stop the unlinks, so the mapping is then left to process exit."""
         self.set_state(L.ServerState.STOPPED)
+        self._words32.release()
+        self._words64.release()
         try:
             self.mm.close()
         except BufferError:
