@@ -28,9 +28,11 @@ phase ends; keep it in a file, not a pipe, so a timeout does not lose it):
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib.metadata
 import importlib.util
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -113,6 +115,21 @@ def import_gemma_without_tensorflow() -> None:
     kauldron.train = train
 
 
+def provenance() -> dict:
+    """When, where and from which commit (None where git or its metadata is absent)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, check=True,
+                                capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
+               platform.processor())
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": commit, "cpu": cpu, "usable_cpus": len(os.sched_getaffinity(0)),
+            "python": platform.python_version()}
+
+
 def versions() -> dict:
     out = {}
     for dist in VERSIONS_OF:
@@ -192,7 +209,7 @@ def main() -> int:
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="gpu-gemma-"))
     work.mkdir(parents=True, exist_ok=True)
-    report: dict = {"shape": args.shape, "python": platform.python_version()}
+    report: dict = {"shape": args.shape, "argv": sys.argv[1:], **provenance()}
     if importlib.util.find_spec("gemma") is None:
         if not args.wheels:
             raise SystemExit("gemma is not installed: pass --wheels DIR")
@@ -214,7 +231,7 @@ def main() -> int:
     from shmserve.models.gemma_engine import GemmaEngine
 
     report["versions"] = versions()
-    report["devices"] = [str(d) for d in jax.devices()]
+    report["devices"] = [f"{d} ({d.device_kind})" for d in jax.devices()]
     progress(report)
     if args.shape == "tiny":
         seconds, model = timed(tiny_gemma.make_tiny_gemma, work / "model")

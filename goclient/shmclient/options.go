@@ -38,14 +38,10 @@ func WithLogger(logger *slog.Logger) Option { return func(o *options) { o.logger
 // WithSpin sets how long a ring call polls for its reply before it blocks
 // on the semaphore (default 50µs). Spinning turns an echo round trip of
 // ~13µs into ~8µs (Python server, two quiet CPUs) but holds a CPU while it
-// lasts, so spins that keep failing pause spinning by themselves. 0 blocks
-// at once, for hosts where a CPU costs more than latency.
+// lasts (one CPU for all the calls in flight: they share one poller), so
+// spins that keep failing pause spinning by themselves. 0 blocks at once,
+// for hosts where a CPU costs more than latency.
 func WithSpin(d time.Duration) Option { return func(o *options) { o.ring.Spin = max(d, 0) } }
-
-// WithSpinners caps how many calls of this client spin at once (default
-// NumCPU-1, at least 1); the others block at once. Each spinner holds a CPU,
-// and the server needs one too.
-func WithSpinners(n int) Option { return func(o *options) { o.ring.MaxSpinners = max(n, 1) } }
 
 // WithConns sets how many connections a socket transport may open
 // (default 16); at least 1.

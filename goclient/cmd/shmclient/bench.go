@@ -126,8 +126,8 @@ func echoLoad(ctx context.Context, client *shmclient.Client, requests, concurren
 }
 
 func printBench(w io.Writer, targets []*benchTarget, size, concurrency, reps int, conn connectionFlags) {
-	fmt.Fprintf(w, "echo %d bytes, %d in flight, %d interleaved rounds, GOMAXPROCS=%d, NumCPU=%d, shm spin %v with at most %d spinning\n",
-		size, concurrency, reps, runtime.GOMAXPROCS(0), runtime.NumCPU(), conn.spin, conn.spinners)
+	fmt.Fprintf(w, "echo %d bytes, %d in flight, %d interleaved rounds, GOMAXPROCS=%d, NumCPU=%d, shm spin %v\n",
+		size, concurrency, reps, runtime.GOMAXPROCS(0), runtime.NumCPU(), conn.spin)
 	table := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(table, "address\ttransport\trequests\tp50\tp99\tp99.9\tmean\tmsgs/s\t")
 	for _, t := range targets {

@@ -24,7 +24,6 @@ import (
 	"io"
 	"log/slog"
 	"os"
-	"runtime"
 	"time"
 
 	"github.com/shmserve/shmserve/goclient/shmclient"
@@ -99,7 +98,6 @@ type connectionFlags struct {
 	fallback string
 	timeout  time.Duration
 	spin     time.Duration
-	spinners int
 	liveness time.Duration
 	spawn    spawnFlags
 }
@@ -111,7 +109,6 @@ func (f *connectionFlags) register(fs *flag.FlagSet, timeout time.Duration, spaw
 	fs.StringVar(&f.fallback, "fallback", "", "address to use when -addr cannot be reached (e.g. unix:///tmp/shmserve.default.sock)")
 	fs.DurationVar(&f.timeout, "timeout", timeout, "deadline of each request (and of connecting)")
 	fs.DurationVar(&f.spin, "spin", 50*time.Microsecond, "shm: how long to poll for a reply before blocking; 0 blocks at once")
-	fs.IntVar(&f.spinners, "spinners", max(1, runtime.NumCPU()-1), "shm: most requests polling at once; the rest block at once")
 	fs.DurationVar(&f.liveness, "liveness", 50*time.Millisecond, "shm: how often a blocked request checks that the server lives")
 	f.spawn.register(fs, spawnModel)
 }
@@ -127,7 +124,6 @@ func (f *connectionFlags) dial(ctx context.Context, addr string, conns int, stde
 	defer cancel()
 	opts := []shmclient.Option{
 		shmclient.WithSpin(f.spin),
-		shmclient.WithSpinners(f.spinners),
 		shmclient.WithLivenessInterval(f.liveness),
 		shmclient.WithConns(conns),
 		shmclient.WithLogger(slog.New(slog.NewTextHandler(stderr, nil))),

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"regexp"
-	"runtime"
 	"sync/atomic"
 	"time"
 	"unsafe"
@@ -28,21 +27,18 @@ type Config struct {
 	// LivenessInterval bounds every blocking wait: a blocked caller checks
 	// that the server lives at least this often (spec section 10: 50 ms).
 	LivenessInterval time.Duration
-	// MaxSpinners caps how many goroutines of this process spin at once.
-	MaxSpinners int
 }
 
 // DefaultConfig spins 50 µs: long enough to catch any reply the server has
 // ready (an echo round trip is 8 µs against the Python server on two quiet
 // CPUs), short enough that a request waiting on a model (milliseconds)
 // wastes little CPU before it blocks; failed spins also pause spinning (see
-// Waiter). Only NumCPU-1 goroutines spin at once, leaving a CPU to the
-// server on small hosts.
+// Waiter). The calls in flight share one poller, leaving the other CPUs to
+// the server.
 func DefaultConfig() Config {
 	return Config{
 		Spin:             50 * time.Microsecond,
 		LivenessInterval: 50 * time.Millisecond,
-		MaxSpinners:      max(1, runtime.NumCPU()-1),
 	}
 }
 
@@ -199,8 +195,8 @@ func (r *Ring) initSlots(cfg Config) {
 		s.sem = r.slotSems[i]
 		r.free <- s
 	}
-	r.waiter = NewWaiter(cfg.Spin, cfg.LivenessInterval, cfg.MaxSpinners)
-	r.reaperWaiter = NewWaiter(0, cfg.LivenessInterval, 0)
+	r.waiter = NewWaiter(cfg.Spin, cfg.LivenessInterval)
+	r.reaperWaiter = NewWaiter(0, cfg.LivenessInterval)
 }
 
 // atomicU32 views a 4-byte-aligned field of shared memory as an atomic.

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -45,7 +46,7 @@ func awaitCountingPolls(t *testing.T, w *Waiter, sem *posixsem.Semaphore, change
 
 func TestFailedSpinsPauseSpinning(t *testing.T) {
 	sem := testSemaphore(t)
-	w := NewWaiter(time.Millisecond, time.Millisecond, 1)
+	w := NewWaiter(time.Millisecond, time.Millisecond)
 	if polls := awaitCountingPolls(t, w, sem, 0); polls < pollsPerYield {
 		t.Fatalf("first wait polled %d times; it should have spun", polls)
 	}
@@ -70,10 +71,107 @@ func TestFailedSpinsPauseSpinning(t *testing.T) {
 	}
 }
 
-func TestSpinnersAreCapped(t *testing.T) {
-	w := NewWaiter(time.Second, time.Millisecond, 1)
-	w.spinners.Add(1) // another goroutine is spinning
-	if polls := awaitCountingPolls(t, w, testSemaphore(t), 0); polls >= pollsPerYield {
-		t.Fatalf("a second spinner polled %d times past a cap of 1", polls)
+// parkedWaits starts n Awaits on w, the first as the leader, the others
+// parked behind it; words[i] set to true ends wait i. Each result arrives
+// on the returned channel as its index, or -1 after a blocking wait (the
+// semaphore is never posted, so only a failed spin gets there).
+func parkedWaits(t *testing.T, w *Waiter, n int) ([]atomic.Bool, <-chan int) {
+	t.Helper()
+	words := make([]atomic.Bool, n)
+	results := make(chan int, n)
+	sem := testSemaphore(t)
+	start := func(i int) {
+		go func() {
+			err := w.Await(context.Background(), sem, words[i].Load, func() error { return errGaveUp })
+			if err != nil {
+				i = -1
+			}
+			results <- i
+		}()
+	}
+	start(0)
+	waitFor(t, "a leader", func() bool { w.mu.Lock(); defer w.mu.Unlock(); return w.leading })
+	for i := 1; i < n; i++ {
+		start(i)
+	}
+	waitFor(t, "parked waits", func() bool { return w.nParked.Load() == int32(n-1) })
+	return words, results
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); !cond(); time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no %s within 5 s", what)
+		}
+	}
+}
+
+func TestParkedWaitsAreAnsweredByTheLeader(t *testing.T) {
+	w := NewWaiter(time.Minute, time.Minute)
+	words, results := parkedWaits(t, w, 8)
+	// Parked waits first, in an order unlike their arrival; none of them polls.
+	for _, i := range []int{5, 2, 7} {
+		words[i].Store(true)
+		if got := <-results; got != i {
+			t.Fatalf("ended wait %d, want %d (the leader must answer the parked wait whose word changed)", got, i)
+		}
+	}
+	// The leader's own change hands the polling to a parked wait, which
+	// answers the rest.
+	words[0].Store(true)
+	if got := <-results; got != 0 {
+		t.Fatalf("ended wait %d, want the leader's (0)", got)
+	}
+	for _, i := range []int{6, 1, 4, 3} {
+		words[i].Store(true)
+		if got := <-results; got != i {
+			t.Fatalf("after the hand-off ended wait %d, want %d", got, i)
+		}
+	}
+	waitFor(t, "idle waiter", func() bool { w.mu.Lock(); defer w.mu.Unlock(); return !w.leading })
+}
+
+func TestParkedWaitsBlockTogetherWhenTheSpinFails(t *testing.T) {
+	w := NewWaiter(50*time.Millisecond, time.Millisecond)
+	_, results := parkedWaits(t, w, 4)
+	for range 4 {
+		if got := <-results; got != -1 {
+			t.Fatalf("wait %d ended without its word changing", got)
+		}
+	}
+	if pause := w.spinPause.Load(); pause != 1 {
+		t.Fatalf("spin pause %d after one failed spin shared by 4 waits, want 1", pause)
+	}
+}
+
+func TestAParkedWaitEndsWithItsContext(t *testing.T) {
+	w := NewWaiter(time.Minute, time.Minute)
+	words, results := parkedWaits(t, w, 2)
+	ctx, cancel := context.WithCancel(context.Background())
+	ended := make(chan error, 1)
+	sem := testSemaphore(t)
+	go func() {
+		ended <- w.Await(ctx, sem, func() bool { return false }, func() error { return nil })
+	}()
+	waitFor(t, "a third parked wait", func() bool { return w.nParked.Load() == 2 })
+	cancel()
+	select {
+	case err := <-ended:
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("Await = %v, want context.Canceled", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("a cancelled parked wait did not return")
+	}
+	if n := w.nParked.Load(); n != 1 {
+		t.Fatalf("%d waits parked after the cancel, want 1", n)
+	}
+	words[1].Store(true)
+	words[0].Store(true)
+	for range 2 {
+		if got := <-results; got < 0 {
+			t.Fatal("a wait blocked although its word changed")
+		}
 	}
 }

@@ -319,7 +319,7 @@ func (s *Server) serve(ctx context.Context) {
 		heartbeat.Store(uint64(time.Now().UnixNano()))
 		return nil
 	}
-	waiter := ring.NewWaiter(20*time.Microsecond, heartbeatInterval, 1)
+	waiter := ring.NewWaiter(20*time.Microsecond, heartbeatInterval)
 	running := phase{}
 	for ctx.Err() == nil {
 		beat()
