@@ -88,6 +88,7 @@ class Transport:
 
 ECHO_TRANSPORTS = (
     Transport("shm-spin", "shm ring, spin then block"),
+    Transport("shm-spin-1p", "shm ring, spin then block, client GOMAXPROCS=1"),
     Transport("shm-block", "shm ring, block only"),
     Transport("uds", "Unix socket, classic packets"),
     Transport("tcp", "TCP loopback, classic packets"),
@@ -318,6 +319,10 @@ def start_servers(stack: contextlib.ExitStack, config: Config, tmp: Path,
     # Each server leads its own session, so its pid is its process group.
     targets = {
         "shm-spin": {"url": f"shm://{spin_name}", "spin_us": SPIN_US, "server_pgid": echo.pid},
+        # The same server, with the Go client confined to one CPU: on a 2-CPU host two busy
+        # client threads take CPU time from the server's loop (bench/README.md).
+        "shm-spin-1p": {"url": f"shm://{spin_name}", "spin_us": SPIN_US, "server_pgid": echo.pid,
+                        "gomaxprocs": 1},
         "shm-block": {"url": f"shm://{block_name}", "spin_us": 0, "server_pgid": block.pid},
         "uds": {"url": f"unix://{e['socket']}", "conns": conns, "server_pgid": echo.pid},
         "tcp": {"url": f"tcp://{e['tcp']}", "conns": conns, "server_pgid": echo.pid},

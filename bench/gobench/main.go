@@ -51,6 +51,9 @@ type TargetSpec struct {
 	// ServerPGID is the server's process group: the CPU time of all its
 	// processes (gunicorn workers too) is charged to the cells run against it.
 	ServerPGID int `json:"server_pgid"`
+	// GoMaxProcs, when set, is this driver's GOMAXPROCS during the target's
+	// cells: a client that leaves the server a CPU of its own.
+	GoMaxProcs int `json:"gomaxprocs"`
 }
 
 // Cell is one measurement.
@@ -104,6 +107,7 @@ func run() error {
 	}
 	targets := map[string]Target{}
 	pgids := map[string]int{}
+	procs := map[string]int{}
 	defer func() {
 		for _, t := range targets {
 			t.Close()
@@ -117,6 +121,7 @@ func run() error {
 		}
 		targets[name] = t
 		pgids[name] = spec.ServerPGID
+		procs[name] = spec.GoMaxProcs
 	}
 	out := json.NewEncoder(os.Stdout)
 	warmup := time.Duration(plan.WarmupMS) * time.Millisecond
@@ -126,7 +131,12 @@ func run() error {
 		if !ok {
 			return fmt.Errorf("cell names unknown target %q", cell.Target)
 		}
+		defaultProcs := runtime.GOMAXPROCS(0)
+		if n := procs[cell.Target]; n > 0 {
+			runtime.GOMAXPROCS(n)
+		}
 		result, err := runCell(ctx, t, cell, warmup, measure, plan.MinCalls, pgids[cell.Target])
+		runtime.GOMAXPROCS(defaultProcs)
 		if err != nil {
 			return fmt.Errorf("%s %s size %d conc %d: %w", cell.Target, cell.Op, cell.Size, cell.Conc, err)
 		}

@@ -47,12 +47,15 @@ type Waiter struct {
 	// tick bounds each blocking wait, so liveness is checked at least this often.
 	tick time.Duration
 
+	// mu guards leading and parked. The leader polls a copy of parked,
+	// refreshed when version moves, and takes mu only when it has something
+	// to answer: taking it every poll would starve the goroutines trying to
+	// park (sync.Mutex hands over only after 1 ms of starvation, which showed
+	// as a 1.3 ms p99 at 16 in flight).
 	mu      sync.Mutex
 	leading bool        // some wait is polling for the parked ones
 	parked  []*spinWait // the waits the leader polls for, oldest first
-	// nParked mirrors len(parked), so a leader with nobody parked polls
-	// without taking mu.
-	nParked atomic.Int32
+	version atomic.Uint64
 
 	// A spin that ends without the change only burns a CPU the other side
 	// may need (a model running, a loaded host): after one, the next
@@ -65,6 +68,10 @@ type Waiter struct {
 // spinWait is one wait in its spin phase.
 type spinWait struct {
 	changed func() bool
+	// cancelled is set by a parked wait whose context ended; the leader then
+	// answers it spinExpired, so only the leader ever removes parked waits
+	// and a changed func never runs after its wait has left.
+	cancelled atomic.Bool
 	// result gets the leader's one answer to a parked wait; buffered, so the
 	// leader never blocks on a send.
 	result chan spinResult
@@ -156,23 +163,14 @@ func (w *Waiter) spinUntil(ctx context.Context, changed func() bool) bool {
 	}
 	me.result = make(chan spinResult, 1)
 	w.parked = append(w.parked, me)
-	w.nParked.Store(int32(len(w.parked)))
+	w.version.Add(1)
 	w.mu.Unlock()
 	var result spinResult
 	select {
 	case result = <-me.result:
 	case <-ctx.Done():
-		w.mu.Lock()
-		i := slices.Index(w.parked, me)
-		if i >= 0 {
-			w.parked = slices.Delete(w.parked, i, i+1)
-			w.nParked.Store(int32(len(w.parked)))
-		}
-		w.mu.Unlock()
-		if i >= 0 {
-			return false
-		}
-		result = <-me.result // the leader answered first
+		me.cancelled.Store(true)
+		result = <-me.result // the leader's next poll answers
 	}
 	if result == spinLead {
 		return w.lead(ctx, me)
@@ -190,18 +188,29 @@ func (w *Waiter) lead(ctx context.Context, me *spinWait) bool {
 	defer func() { w.handOff(failed) }()
 	done := ctx.Done()
 	lastChange := time.Now()
+	var watched []*spinWait
+	watchedVersion := ^uint64(0)
 	for polls := 1; ; polls++ {
 		if me.changed() {
 			w.spinPause.Store(0)
 			return true
 		}
-		if w.nParked.Load() > 0 {
+		if w.version.Load() != watchedVersion {
 			w.mu.Lock()
-			if w.settle() {
-				w.spinPause.Store(0)
-				lastChange = time.Time{} // read the clock at the next yield
-			}
+			watched = append(watched[:0], w.parked...)
+			watchedVersion = w.version.Load()
 			w.mu.Unlock()
+		}
+		for _, p := range watched {
+			if p.cancelled.Load() || p.changed() {
+				w.mu.Lock()
+				if w.settle() {
+					w.spinPause.Store(0)
+					lastChange = time.Time{} // read the clock at the next yield
+				}
+				w.mu.Unlock()
+				break
+			}
 		}
 		// Clock reads (~65 ns) only at yields: budgets are coarse anyway.
 		if polls%pollsPerYield != 0 {
@@ -224,21 +233,27 @@ func (w *Waiter) lead(ctx context.Context, me *spinWait) bool {
 	}
 }
 
-// settle, with mu held, answers the parked waits whose word changed and
-// reports whether there were any.
+// settle, with mu held, answers the parked waits whose word changed, and
+// those whose context ended, and reports whether any word changed.
 func (w *Waiter) settle() bool {
+	changed := false
 	kept := w.parked[:0]
 	for _, p := range w.parked {
-		if p.changed() {
+		switch {
+		case p.changed():
+			changed = true
 			p.result <- spinChanged
-		} else {
+		case p.cancelled.Load():
+			p.result <- spinExpired
+		default:
 			kept = append(kept, p)
 		}
 	}
-	changed := len(kept) < len(w.parked)
-	clear(w.parked[len(kept):])
-	w.parked = kept
-	w.nParked.Store(int32(len(kept)))
+	if len(kept) < len(w.parked) {
+		clear(w.parked[len(kept):])
+		w.parked = kept
+		w.version.Add(1)
+	}
 	return changed
 }
 
@@ -258,13 +273,13 @@ func (w *Waiter) handOff(failed bool) {
 		}
 		clear(w.parked)
 		w.parked = w.parked[:0]
-		w.nParked.Store(0)
+		w.version.Add(1)
 		w.leading = false
 		return
 	}
 	next := w.parked[0]
 	w.parked = slices.Delete(w.parked, 0, 1)
-	w.nParked.Store(int32(len(w.parked)))
+	w.version.Add(1)
 	next.result <- spinLead
 }
 

@@ -94,8 +94,14 @@ func parkedWaits(t *testing.T, w *Waiter, n int) ([]atomic.Bool, <-chan int) {
 	for i := 1; i < n; i++ {
 		start(i)
 	}
-	waitFor(t, "parked waits", func() bool { return w.nParked.Load() == int32(n-1) })
+	waitFor(t, "parked waits", func() bool { return parkedCount(w) == n-1 })
 	return words, results
+}
+
+func parkedCount(w *Waiter) int {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return len(w.parked)
 }
 
 func waitFor(t *testing.T, what string, cond func() bool) {
@@ -154,7 +160,7 @@ func TestAParkedWaitEndsWithItsContext(t *testing.T) {
 	go func() {
 		ended <- w.Await(ctx, sem, func() bool { return false }, func() error { return nil })
 	}()
-	waitFor(t, "a third parked wait", func() bool { return w.nParked.Load() == 2 })
+	waitFor(t, "a third parked wait", func() bool { return parkedCount(w) == 2 })
 	cancel()
 	select {
 	case err := <-ended:
@@ -164,7 +170,7 @@ func TestAParkedWaitEndsWithItsContext(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("a cancelled parked wait did not return")
 	}
-	if n := w.nParked.Load(); n != 1 {
+	if n := parkedCount(w); n != 1 {
 		t.Fatalf("%d waits parked after the cancel, want 1", n)
 	}
 	words[1].Store(true)
