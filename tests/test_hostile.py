@@ -317,6 +317,39 @@ def test_a_slot_semaphore_forced_to_its_maximum_costs_only_that_wake_up(start_se
     assert "crashed" not in "".join(stderr), "".join(stderr)
 
 
+def test_a_request_semaphore_forced_to_its_maximum_keeps_the_heartbeat_and_reclaim_going(
+        start_server):
+    """With the request semaphore at SEM_VALUE_MAX every timed wait returns a token at once,
+    so the idle loop never saw a wait expire: no heartbeat (probes call the server stalled)
+    and no reclaim of dead clients' slots until some client rang the doorbell."""
+    server = start_server("--model", "echo", "--transport", "shm", "--slots", "4")
+    stderr = drain_stderr(server)
+    raw = RawRing(server.name)
+    dead_pid = int(open("/proc/sys/kernel/pid_max").read()) + 1
+    _, old = raw.publish(2, os.getpid(), 7, 2, MsgType.ECHO, b"hi")
+    raw.wait_frame(2, old)
+    fd = os.open(f"/dev/shm/sem.shmserve.{server.name}.req", os.O_RDWR)
+    try:
+        with mmap.mmap(fd, os.fstat(fd).st_size) as sem_file:
+            struct.pack_into("<I", sem_file, 0, 0x7FFFFFFF)
+    finally:
+        os.close(fd)
+    # A wait already blocked when the count jumped still times out once: let it.
+    time.sleep(2 * L.HEARTBEAT_INTERVAL_S)
+    struct.pack_into("<I", raw.mm, raw.geometry.slot_offset(2) + L.S_OWNER, dead_pid)  # died
+    beat = raw.u32(L.H_HEARTBEAT_NS) | raw.u32(L.H_HEARTBEAT_NS + 4) << 32
+    time.sleep(4 * L.HEARTBEAT_INTERVAL_S)
+    assert (raw.u32(L.H_HEARTBEAT_NS) | raw.u32(L.H_HEARTBEAT_NS + 4) << 32) > beat, \
+        "heartbeat stopped"
+    assert raw.u32(raw.geometry.slot_offset(2) + L.S_OWNER) == 0, "dead client's slot kept"
+    client = RingClient(server.name, slots=range(0, 2))
+    assert client.echo(b"still serving", timeout=3) == b"still serving"
+    client.close()
+    raw.close()
+    assert server.proc.poll() is None, "server died"
+    assert "crashed" not in "".join(stderr), "".join(stderr)
+
+
 # -- the sockets ------------------------------------------------------------------------------
 
 def tcp_address(server):

@@ -333,6 +333,10 @@ class ShmTransport:
                     os.sched_yield()
             else:
                 return True
+        # Tokens without doorbell changes (stray posts, or a count someone set to
+        # SEM_VALUE_MAX) would keep every wait from expiring: bound the whole phase too, so
+        # the heartbeat and the reclaim of dead clients never stop.
+        give_up = time.monotonic() + L.HEARTBEAT_INTERVAL_S
         while u64[index] == bell and not outbox and not self._stop.is_set():
             try:
                 self.objects.request_sem.acquire(L.HEARTBEAT_INTERVAL_S)
@@ -342,6 +346,8 @@ class ShmTransport:
                 # sem_timedwait returns EINTR after SIGSTOP/SIGCONT even without a handler;
                 # a token only means "look again", so look again.
                 continue
+            if time.monotonic() > give_up:
+                return False
         return True
 
     def _serve_ready_slots(self) -> None:
