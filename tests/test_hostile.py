@@ -291,20 +291,25 @@ def test_owner_word_that_is_no_pid_is_reclaimed_without_killing_the_loop(start_s
     assert not any("crashed" in line for line in stderr), "".join(stderr)
 
 
-def test_a_slot_semaphore_forced_to_its_maximum_costs_only_that_wake_up(start_server):
+def force_semaphore_to_max(ring: str, suffix: str) -> None:
     """Semaphores are files beside the ring with the same permissions: a writer that can
     scribble on the ring can also set a count to SEM_VALUE_MAX (glibc keeps it in the low 32
-    bits of the first word). sem_post then fails with EOVERFLOW, which ended the ring loop
-    at the next frame for that slot, and made a clean stop skip the unlinks."""
-    server = start_server("--model", "echo", "--transport", "shm", "--slots", "4")
-    stderr = drain_stderr(server)
-    raw = RawRing(server.name)
-    fd = os.open(f"/dev/shm/sem.shmserve.{server.name}.s3", os.O_RDWR)
+    bits of the first word)."""
+    fd = os.open(f"/dev/shm/sem.shmserve.{ring}.{suffix}", os.O_RDWR)
     try:
         with mmap.mmap(fd, os.fstat(fd).st_size) as sem_file:
             struct.pack_into("<I", sem_file, 0, 0x7FFFFFFF)
     finally:
         os.close(fd)
+
+
+def test_a_slot_semaphore_forced_to_its_maximum_costs_only_that_wake_up(start_server):
+    """At SEM_VALUE_MAX sem_post fails with EOVERFLOW, which ended the ring loop at the next
+    frame for that slot, and made a clean stop skip the unlinks."""
+    server = start_server("--model", "echo", "--transport", "shm", "--slots", "4")
+    stderr = drain_stderr(server)
+    raw = RawRing(server.name)
+    force_semaphore_to_max(server.name, "s3")
     _, old = raw.publish(3, os.getpid(), 9, 2, MsgType.ECHO, b"hi")
     assert raw.wait_frame(3, old)[2:] == (MsgType.ECHO, L.FRAME_FLAG_FINAL, b"hi")
     client = RingClient(server.name, slots=range(0, 3))
@@ -328,12 +333,7 @@ def test_a_request_semaphore_forced_to_its_maximum_keeps_the_heartbeat_and_recla
     dead_pid = int(open("/proc/sys/kernel/pid_max").read()) + 1
     _, old = raw.publish(2, os.getpid(), 7, 2, MsgType.ECHO, b"hi")
     raw.wait_frame(2, old)
-    fd = os.open(f"/dev/shm/sem.shmserve.{server.name}.req", os.O_RDWR)
-    try:
-        with mmap.mmap(fd, os.fstat(fd).st_size) as sem_file:
-            struct.pack_into("<I", sem_file, 0, 0x7FFFFFFF)
-    finally:
-        os.close(fd)
+    force_semaphore_to_max(server.name, "req")
     # A wait already blocked when the count jumped still times out once: let it.
     time.sleep(2 * L.HEARTBEAT_INTERVAL_S)
     struct.pack_into("<I", raw.mm, raw.geometry.slot_offset(2) + L.S_OWNER, dead_pid)  # died
