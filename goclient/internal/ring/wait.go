@@ -38,20 +38,21 @@ const maxSpinPause = 128
 // side: its semaphore has no sleeper, so the server's post stays in user
 // space. When the leader's own word changes it hands the polling to the
 // oldest parked wait. So a process spins on one CPU however many calls it
-// has in flight. Before this, calls beyond NumCPU-1 blocked at once and each
-// reply cost a futex wake-up: 16 echoes in flight made 90-100k msgs/s against
-// the Python server on two CPUs, and 200-300k when all 16 were let spin.
+// has in flight. Letting only NumCPU-1 calls spin and blocking the rest at
+// once, as this client did first, costs a futex wake-up per reply: 16
+// echoes in flight made 88-95k msgs/s on two CPUs against 190-258k with the
+// shared poller (and 39-41k against 448-470k at GOMAXPROCS=1).
 type Waiter struct {
-	// spin is each wait's budget for polling before blocking; 0 blocks at once.
+	// spin is how long the poller goes on without seeing any of its words
+	// change before every wait it serves blocks; 0 blocks at once.
 	spin time.Duration
 	// tick bounds each blocking wait, so liveness is checked at least this often.
 	tick time.Duration
 
 	// mu guards leading and parked. The leader polls a copy of parked,
 	// refreshed when version moves, and takes mu only when it has something
-	// to answer: taking it every poll would starve the goroutines trying to
-	// park (sync.Mutex hands over only after 1 ms of starvation, which showed
-	// as a 1.3 ms p99 at 16 in flight).
+	// to answer, so goroutines parking never queue behind a lock the leader
+	// retakes every few nanoseconds.
 	mu      sync.Mutex
 	leading bool        // some wait is polling for the parked ones
 	parked  []*spinWait // the waits the leader polls for, oldest first
@@ -95,7 +96,9 @@ func NewWaiter(spin, tick time.Duration) *Waiter {
 // Await returns nil once changed reports true. It returns ctx's error when ctx
 // ends first, and the error of alive when that reports the other side gone
 // (alive runs after every wait that timed out). Tokens on sem only mean "look
-// again", so spurious wake-ups are harmless.
+// again", so spurious wake-ups are harmless. While this wait is parked,
+// changed runs on the leader's goroutine (never at the same time as on this
+// one, and never after Await returns), so it must be cheap.
 func (w *Waiter) Await(ctx context.Context, sem *posixsem.Semaphore, changed func() bool, alive func() error) error {
 	if changed() {
 		return nil
