@@ -24,6 +24,10 @@ phase ends; keep it in a file, not a pipe, so a timeout does not lose it):
     python3 bench/gpu_gemma.py --wheels build/gemma-wheels --out "$OUT/gpu_gemma.json" \
         > "$OUT/gpu_gemma.log" 2>&1
 `--shape tiny` runs the same steps on the tiny test model (a CPU smoke test).
+`bench/results/gemma2b-cpu-smoke.json` is this script at the full shape on the 2-vCPU
+development machine (`--batches 1 --steps 16 --repeats 1 --cache-length 256`, one
+repetition, so its streamed figures include first-call compilations): it shows the script
+runs end to end at 2.6 B parameters; it is not a GPU figure.
 """
 from __future__ import annotations
 
