@@ -181,3 +181,41 @@ func TestAParkedWaitEndsWithItsContext(t *testing.T) {
 		}
 	}
 }
+
+func TestSpinStretchesTowardsTheTypicalWaitWhenAlone(t *testing.T) {
+	w := NewWaiter(time.Millisecond, time.Millisecond)
+	if b := w.budget(0); b != time.Millisecond {
+		t.Fatalf("budget with no history = %v, want the spin", b)
+	}
+	w.observe(1500 * time.Microsecond) // the first sample is the average
+	if b := w.budget(0); b != 3*time.Millisecond {
+		t.Fatalf("budget after a 1.5 ms wait = %v, want twice that", b)
+	}
+	if b := w.budget(1); b != time.Millisecond {
+		t.Fatalf("budget with a parked wait = %v, want the plain spin", b)
+	}
+	for range 50 {
+		w.observe(time.Hour)
+	}
+	if b := w.budget(0); b != spinStretch*time.Millisecond {
+		t.Fatalf("budget after long waits = %v, want the cap %v", b, spinStretch*time.Millisecond)
+	}
+	for range 60 {
+		w.observe(100 * time.Microsecond)
+	}
+	if b := w.budget(0); b != time.Millisecond {
+		t.Fatalf("budget after 60 fast waits = %v, want the spin again (capped samples fade fast)", b)
+	}
+}
+
+func TestAWaitALittleLongerThanTheSpinIsCaughtSpinning(t *testing.T) {
+	const spin, changeAfter = 5 * time.Millisecond, 7 * time.Millisecond
+	w := NewWaiter(spin, 20*time.Millisecond)
+	w.observe(changeAfter) // waits have been taking this long
+	var word atomic.Bool
+	time.AfterFunc(changeAfter, func() { word.Store(true) })
+	// The semaphore is never posted: only spinning sees the change in time.
+	if err := w.Await(context.Background(), testSemaphore(t), word.Load, func() error { return errGaveUp }); err != nil {
+		t.Fatalf("Await = %v: the spin did not stretch to the typical wait", err)
+	}
+}
