@@ -134,9 +134,10 @@ class RingObjects:
             self.mm = mmap.mmap(shm.fd, g.total_size)
         finally:
             shm.close_fd()
-        # Clients read state and heartbeat while they change: whole-word stores (section 10).
-        self._words32 = memoryview(self.mm).cast("I")
-        self._words64 = memoryview(self.mm).cast("Q")
+        # Every word the other side reads while it changes goes through these views: one
+        # whole-word store or load each (section 10), where struct works byte by byte.
+        self.words32 = memoryview(self.mm).cast("I")
+        self.words64 = memoryview(self.mm).cast("Q")
         self.request_sem = self._make_sem(L.request_sem_name(self.name))
         self.slot_sems = [self._make_sem(L.slot_sem_name(self.name, i)) for i in range(g.slot_count)]
         mm = self.mm
@@ -155,18 +156,18 @@ class RingObjects:
         return sem
 
     def set_state(self, state: L.ServerState) -> None:
-        self._words32[L.H_SERVER_STATE >> 2] = state
+        self.words32[L.H_SERVER_STATE >> 2] = state
 
     def heartbeat(self) -> None:
-        self._words64[L.H_HEARTBEAT_NS >> 3] = time.monotonic_ns()
+        self.words64[L.H_HEARTBEAT_NS >> 3] = time.monotonic_ns()
 
     def close(self) -> None:
         """Section 11 Stop, last steps: wake every waiter, unlink everything, drop the lock.
         Views of ``mm`` should be released first; one still held (a request body a model
         thread kept) must not stop the unlinks, so the mapping is then left to process exit."""
         self.set_state(L.ServerState.STOPPED)
-        self._words32.release()
-        self._words64.release()
+        self.words32.release()
+        self.words64.release()
         try:
             self.mm.close()
         except BufferError:
@@ -231,8 +232,8 @@ class ShmTransport:
         self.stop_grace_s = stop_grace_s
         mm = self.objects.mm
         self._mv = memoryview(mm)
-        self._u32 = self._mv.cast("I")
-        self._u64 = self._mv.cast("Q")
+        self._u32 = self.objects.words32
+        self._u64 = self.objects.words64
         self._doorbell_index = L.H_DOORBELL // 8
         self._slot_sems = self.objects.slot_sems
         stride = g.slot_stride
@@ -280,8 +281,7 @@ class ShmTransport:
     def _release_views(self) -> None:
         self._req_seq = self._owner = None
         self._request_data = self._single_image = None
-        self._u32.release()
-        self._u64.release()
+        self._u32 = self._u64 = None  # the objects' views, released by objects.close
         self._mv.release()
 
     # -- loop --------------------------------------------------------------------------------
