@@ -106,8 +106,6 @@ func run() error {
 		return fmt.Errorf("reading the plan: %w", err)
 	}
 	targets := map[string]Target{}
-	pgids := map[string]int{}
-	procs := map[string]int{}
 	defer func() {
 		for _, t := range targets {
 			t.Close()
@@ -120,8 +118,6 @@ func run() error {
 			return fmt.Errorf("target %s (%s): %w", name, spec.URL, err)
 		}
 		targets[name] = t
-		pgids[name] = spec.ServerPGID
-		procs[name] = spec.GoMaxProcs
 	}
 	out := json.NewEncoder(os.Stdout)
 	warmup := time.Duration(plan.WarmupMS) * time.Millisecond
@@ -131,11 +127,12 @@ func run() error {
 		if !ok {
 			return fmt.Errorf("cell names unknown target %q", cell.Target)
 		}
+		spec := plan.Targets[cell.Target]
 		defaultProcs := runtime.GOMAXPROCS(0)
-		if n := procs[cell.Target]; n > 0 {
-			runtime.GOMAXPROCS(n)
+		if spec.GoMaxProcs > 0 {
+			runtime.GOMAXPROCS(spec.GoMaxProcs)
 		}
-		result, err := runCell(ctx, t, cell, warmup, measure, plan.MinCalls, pgids[cell.Target])
+		result, err := runCell(ctx, t, cell, warmup, measure, plan.MinCalls, spec.ServerPGID)
 		runtime.GOMAXPROCS(defaultProcs)
 		if err != nil {
 			return fmt.Errorf("%s %s size %d conc %d: %w", cell.Target, cell.Op, cell.Size, cell.Conc, err)
