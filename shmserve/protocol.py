@@ -19,11 +19,14 @@ class MsgType(enum.IntEnum):
     PROMPT_STREAM = 0x05     # same body; replies: STREAM_CHUNK* then STREAM_END
     STREAM_CHUNK = 0x06      # reply only: a UTF-8 piece of the generated text
     STREAM_END = 0x07        # reply only: empty body, ends a stream
+    INFER = 0x08             # body: TensorList of inputs; reply: TensorList of outputs
+    METADATA = 0x09          # body: empty; reply: the model's signature as UTF-8 JSON
     ERROR = 0xFF             # reply only: ErrorBody
 
 
 REQUEST_TYPES = frozenset({MsgType.ECHO, MsgType.CLASSIFY, MsgType.CLASSIFY_SCORES,
-                           MsgType.CLASSIFY_BATCH, MsgType.PROMPT, MsgType.PROMPT_STREAM})
+                           MsgType.CLASSIFY_BATCH, MsgType.PROMPT, MsgType.PROMPT_STREAM,
+                           MsgType.INFER, MsgType.METADATA})
 
 
 class ErrorCode(enum.IntEnum):
@@ -39,6 +42,10 @@ class ErrorCode(enum.IntEnum):
     CANCELLED = 10          # the client cancelled (ring) before the reply was complete
     SHUTTING_DOWN = 11      # the server is stopping and will not start new work
     CORRUPT_RECORD = 12     # a ring slot failed validation
+    BAD_TENSOR = 13         # a TensorList is malformed
+    BAD_DTYPE = 14          # a tensor's dtype is unknown or not the signature's
+    BAD_SHAPE = 15          # a tensor's shape does not match the signature
+    BAD_INPUT = 16          # the tensors do not bind to the signature's inputs
 
 
 class ProtocolError(Exception):
@@ -128,6 +135,12 @@ def check_request(msg_type: int, length: int) -> MsgType:
         if rest or not 1 <= count <= MAX_BATCH_IMAGES:
             raise ProtocolError(ErrorCode.BAD_LENGTH, f"CLASSIFY_BATCH needs 1..{MAX_BATCH_IMAGES} "
                                 f"images of {IMAGE_BYTES} bytes, got {length} bytes")
+    if msg_type is MsgType.INFER and length < 8:
+        raise ProtocolError(ErrorCode.BAD_LENGTH, f"INFER body of {length} bytes: a TensorList "
+                            f"header needs 8")
+    if msg_type is MsgType.METADATA and length:
+        raise ProtocolError(ErrorCode.BAD_LENGTH, f"METADATA takes an empty body, got {length} "
+                            f"bytes")
     if msg_type in (MsgType.PROMPT, MsgType.PROMPT_STREAM) and length < PROMPT_HEADER.size:
         raise ProtocolError(ErrorCode.BAD_LENGTH, f"{msg_type.name} body needs a "
                             f"{PROMPT_HEADER.size}-byte max_new_tokens field, got {length} bytes")

@@ -74,6 +74,9 @@ def bodies():
     add("prompt empty", 4, prompt(5, b""), error="EMPTY_PROMPT")
     add("prompt invalid utf-8", 4, prompt(5, b"ok\xc3\x28"), error="INVALID_UTF8")
     add("prompt truncated utf-8", 5, prompt(5, "é".encode()[:1]), error="INVALID_UTF8")
+    add("metadata", 9, b"", ok=True)
+    add("metadata with a body", 9, b"\x00", error="BAD_LENGTH")
+    add("infer shorter than a list header", 8, b"\x01\x00\x00", error="BAD_LENGTH")
     add("unknown type", 0x42, b"", error="UNKNOWN_TYPE")
     add("reply-only type as request", 6, b"x", error="UNKNOWN_TYPE")
     add("error type as request", 0xFF, b"\x01\x00", error="UNKNOWN_TYPE")
@@ -173,7 +176,119 @@ def ring():
             "cases": cases}
 
 
+DTYPE_CODES = {"BOOL": 1, "UINT8": 2, "INT8": 3, "UINT16": 4, "INT16": 5, "UINT32": 6, "INT32": 7,
+               "UINT64": 8, "INT64": 9, "FP16": 10, "BF16": 11, "FP32": 12, "FP64": 13}
+DTYPE_SIZES = {"BOOL": 1, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "UINT32": 4, "INT32": 4,
+               "UINT64": 8, "INT64": 8, "FP16": 2, "BF16": 2, "FP32": 4, "FP64": 8}
+
+
+def align(n, to):
+    return (n + to - 1) // to * to
+
+
+def tensor_list(tensors, count=None, reserved=0, tensor_reserved=0, offsets=None, lens=None,
+                tail=b""):
+    """A TensorList laid out by section 3.1 with struct alone; the keyword arguments break one
+    rule each, for the invalid cases. ``tensors``: (name, dtype code, dims, data bytes)."""
+    headers = []
+    pos = 8
+    for name, code, dims, data in tensors:
+        raw = name.encode()
+        headers.append((raw, code, dims, data, pos))
+        pos = align(pos + 24 + 8 * len(dims) + len(raw), 8)
+    cursor = align(pos, 64)
+    out = bytearray(pos)
+    struct.pack_into("<HHI", out, 0, len(tensors) if count is None else count, 0, reserved)
+    for i, (raw, code, dims, data, at) in enumerate(headers):
+        offset = cursor if offsets is None else offsets[i]
+        length = len(data) if lens is None else lens[i]
+        struct.pack_into(f"<BBHIQQ{len(dims)}Q", out, at, code, len(dims), len(raw),
+                         tensor_reserved, offset, length, *dims)
+        out[at + 24 + 8 * len(dims):at + 24 + 8 * len(dims) + len(raw)] = raw
+        out += bytes(cursor - len(out)) + data
+        cursor = align(len(out), 64)
+    return bytes(out) + tail
+
+
+def tensors_vectors():
+    """INFER bodies decoded against one signature (section 3.1)."""
+    signature = {"name": "vectors", "platform": "shmserve", "versions": ["1"],
+                 "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 3]},
+                            {"name": "mask", "datatype": "BOOL", "shape": [-1]}],
+                 "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 3]}],
+                 "max_batch_size": 4}
+    x2 = struct.pack("<6f", 1, 2, 3, 4, 5, 6)
+    mask2 = b"\x01\x00"
+    x = ("x", 12, [2, 3], x2)
+    mask = ("mask", 1, [2], mask2)
+    ok_result = [{"name": "x", "datatype": "FP32", "shape": [2, 3], "data_hex": x2.hex()},
+                 {"name": "mask", "datatype": "BOOL", "shape": [2], "data_hex": mask2.hex()}]
+    cases = []
+
+    def add(name, body, **expect):
+        cases.append({"name": name, "body_hex": body.hex(), **expect})
+
+    add("named, in order", tensor_list([x, mask]), ok=ok_result)
+    add("named, out of order", tensor_list([mask, x]), ok=ok_result)
+    add("positional", tensor_list([("", 12, [2, 3], x2), ("", 1, [2], mask2)]), ok=ok_result)
+    add("one row", tensor_list([("x", 12, [1, 3], x2[:12]), ("mask", 1, [1], b"\x01")]),
+        ok=[{"name": "x", "datatype": "FP32", "shape": [1, 3], "data_hex": x2[:12].hex()},
+            {"name": "mask", "datatype": "BOOL", "shape": [1], "data_hex": "01"}])
+    add("shorter than the list header", b"\x01\x00\x00\x00", error="BAD_LENGTH")
+    add("zero tensors", tensor_list([]), error="BAD_TENSOR")
+    add("65 tensors", tensor_list([x, mask], count=65), error="BAD_TENSOR")
+    add("list reserved not zero", tensor_list([x, mask], reserved=1), error="BAD_TENSOR")
+    add("tensor reserved not zero", tensor_list([x, mask], tensor_reserved=7), error="BAD_TENSOR")
+    add("header past the body", tensor_list([x, mask])[:40], error="BAD_TENSOR")
+    add("rank 9", tensor_list([("x", 12, [1] * 9, x2[:4]), mask]), error="BAD_TENSOR")
+    add("dim over 2^31-1", tensor_list([("x", 12, [2 ** 31, 0], b""), mask]), error="BAD_TENSOR")
+    add("name not utf-8", tensor_list([("x", 12, [2, 3], x2), mask]).replace(b"mask", b"m\xffsk"),
+        error="BAD_TENSOR")
+    add("data_len is not dims times size", tensor_list([x, mask], lens=[20, 2]),
+        error="BAD_TENSOR")
+    add("data_offset not canonical", tensor_list([x, mask], offsets=[192, 256]),
+        error="BAD_TENSOR")
+    add("data past the body", tensor_list([x, mask])[:-1], error="BAD_TENSOR")
+    add("bytes after the last tensor", tensor_list([x, mask], tail=b"\x00"), error="BAD_TENSOR")
+    add("bool byte 2", tensor_list([x, ("mask", 1, [2], b"\x01\x02")]), error="BAD_TENSOR")
+    add("unknown dtype code", tensor_list([("x", 99, [2, 3], x2), mask]), error="BAD_DTYPE")
+    add("some named, some not", tensor_list([x, ("", 1, [2], mask2)]), error="BAD_INPUT")
+    add("unknown input name", tensor_list([x, ("maks", 1, [2], mask2)]), error="BAD_INPUT")
+    add("input given twice", tensor_list([x, x]), error="BAD_INPUT")
+    add("input missing", tensor_list([x]), error="BAD_INPUT")
+    add("more tensors than inputs", tensor_list([("", 12, [2, 3], x2), ("", 1, [2], mask2),
+                                                 ("", 1, [2], mask2)]), error="BAD_INPUT")
+    add("wrong dtype", tensor_list([("x", 13, [2, 3], x2 + x2), mask]), error="BAD_DTYPE")
+    add("wrong rank", tensor_list([("x", 12, [6], x2), mask]), error="BAD_SHAPE")
+    add("wrong fixed dim", tensor_list([("x", 12, [3, 2], x2), ("mask", 1, [3], b"\x01" * 3)]),
+        error="BAD_SHAPE")
+    add("batch of 0", tensor_list([("x", 12, [0, 3], b""), ("mask", 1, [0], b"")]),
+        error="BAD_SHAPE")
+    add("batch over max_batch_size",
+        tensor_list([("x", 12, [5, 3], bytes(60)), ("mask", 1, [5], bytes(5))]),
+        error="BAD_SHAPE")
+    add("batches differ", tensor_list([x, ("mask", 1, [1], b"\x01")]), error="BAD_SHAPE")
+    # Replies: what a client decodes (every dtype once, rank 0 and an empty tensor included).
+    replies = []
+    for dtype, dims in [("BOOL", [2]), ("UINT8", [3]), ("INT8", [1, 2]), ("UINT16", [2]),
+                        ("INT16", [2]), ("UINT32", [1]), ("INT32", [2, 2]), ("UINT64", [1]),
+                        ("INT64", []), ("FP16", [2]), ("BF16", [2]), ("FP32", [0, 3]),
+                        ("FP64", [1])]:
+        n = 1
+        for d in dims:
+            n *= d
+        data = bytes((i * 37 + 1) % 2 if dtype == "BOOL" else (i * 37 + 1) % 256
+                     for i in range(n * DTYPE_SIZES[dtype]))
+        replies.append((f"out_{dtype.lower()}", DTYPE_CODES[dtype], dims, data, dtype))
+    body = tensor_list([(n, c, d, data) for n, c, d, data, _ in replies])
+    cases.append({"name": "reply with every dtype", "reply": True, "body_hex": body.hex(),
+                  "ok": [{"name": n, "datatype": t, "shape": d, "data_hex": data.hex()}
+                         for n, c, d, data, t in replies]})
+    return {"signature": signature, "dtype_codes": DTYPE_CODES, "cases": cases}
+
+
 if __name__ == "__main__":
-    for name, build in (("packets", packets), ("bodies", bodies), ("ring", ring)):
+    for name, build in (("packets", packets), ("bodies", bodies), ("ring", ring),
+                        ("tensors", tensors_vectors)):
         (HERE / f"{name}.json").write_text(json.dumps(build(), indent=1, ensure_ascii=False) + "\n")
         print("wrote", HERE / f"{name}.json")
