@@ -25,11 +25,15 @@ def _size(text: str) -> int:
 
 
 def _add_serve(sub) -> None:
-    from . import models, transports
+    from . import transports
     p = sub.add_parser("serve", help="serve a model over shared memory, a Unix socket, TCP, HTTP",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="cifar", choices=models.available(),
-                   help="what to serve; every model also answers ECHO")
+    p.add_argument("--model", default="cifar", metavar="TARGET",
+                   help="what to serve: a built-in or plugin name (see `shmserve models`), "
+                   "MODULE:ATTR or FILE.py:ATTR naming a shmserve.Model, a Model subclass or a "
+                   "factory; every model also answers ECHO and METADATA")
+    p.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="keyword argument for the model's factory (a string); repeatable")
     p.add_argument("--transport", default="shm,uds",
                    help=f"comma-separated transports from: {','.join(transports.NAMES)}")
     p.add_argument("--name", default="default", help="ring name: /dev/shm/shmserve.NAME and its "
@@ -54,14 +58,15 @@ def _add_serve(sub) -> None:
     ring.add_argument("--spin-us", type=float, default=50.0,
                       help="busy-poll this long before blocking on the semaphore; 0 = block "
                       "only (saves a core, costs ~15 us per wake-up)")
-    ring.add_argument("--max-batch", type=int, default=64,
-                      help="most requests handed to the model in one call")
-    ring.add_argument("--batch-wait-us", type=float, default=0.0,
-                      help="extra time to wait for more requests to join a batch")
-    cifar = p.add_argument_group("cifar")
-    cifar.add_argument("--model-path", default=None, help="LiteRT .tflite model (default: the "
-                       "shipped one)")
-    cifar.add_argument("--threads", type=int, default=2, help="LiteRT interpreter threads")
+    batching = p.add_argument_group("batching")
+    batching.add_argument("--max-batch", type=int, default=64,
+                          help="most requests handed to the model in one call")
+    batching.add_argument("--batch-wait-us", type=float, default=0.0,
+                          help="extra time to wait for more requests to join a batch")
+    files = p.add_argument_group("model files (cifar, keras, litert)")
+    files.add_argument("--model-path", default=None, help="the model file: .tflite for cifar "
+                       "and litert (cifar: default the shipped one), .keras for keras")
+    files.add_argument("--threads", type=int, default=2, help="interpreter threads (LiteRT)")
     gemma = p.add_argument_group("gemma")
     gemma.add_argument("--checkpoint", default=os.environ.get("MODEL_CHECKPOINT"),
                        help="checkpoint directory (env MODEL_CHECKPOINT)")
@@ -75,6 +80,21 @@ def _add_serve(sub) -> None:
     p.set_defaults(func=_serve)
 
 
+# Serve options a model factory may name as keyword parameters (models/__init__.py).
+_FACTORY_OPTIONS = ("model_path", "threads", "checkpoint", "tokenizer", "variant", "cache_length",
+                    "max_new_tokens", "max_batch")
+
+
+def _model_options(pairs: list[str]) -> dict[str, str]:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--model-option {pair!r}: expected KEY=VALUE with KEY a name")
+        options[key] = value
+    return options
+
+
 def _serve(args) -> int:
     from . import models, transports
     from .dispatch import Dispatcher
@@ -83,8 +103,13 @@ def _serve(args) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    model = models.load(args.model, args)
-    dispatcher = Dispatcher(model)
+    try:
+        model = models.build(args.model, {k: getattr(args, k) for k in _FACTORY_OPTIONS},
+                             _model_options(args.model_option))
+    except models.ModelLoadError as exc:
+        print(f"shmserve: error: --model {args.model}: {exc}", file=sys.stderr)
+        return 2
+    dispatcher = Dispatcher(model, max_batch=args.max_batch, batch_wait_us=args.batch_wait_us)
     started = []
     try:
         for name in names:
@@ -152,11 +177,25 @@ def _make_tiny_gemma(args) -> int:
     return 0
 
 
+def _add_models(sub) -> None:
+    p = sub.add_parser("models", help="list what `serve --model` can serve by name")
+    p.set_defaults(func=_list_models)
+
+
+def _list_models(args) -> int:
+    from . import models
+    for name, target in sorted(models.available().items()):
+        print(f"{name:10} {target}")
+    print("or any MODULE:ATTR / FILE.py:ATTR naming a shmserve.Model (see README)")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="shmserve", description=__doc__)
     parser.add_argument("--log-level", default=os.environ.get("SHMSERVE_LOG", "INFO"))
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
+    _add_models(sub)
     _add_train(sub)
     _add_tiny_gemma(sub)
     args = parser.parse_args(argv)

@@ -1,24 +1,56 @@
-"""Transport-independent request handling: validation, grouping, model calls, typed errors.
+"""Transport-independent request handling: validation, batching, model calls, typed errors.
 
 Every transport turns what it reads into ``Request`` objects and hands a list of them to
-``Dispatcher.dispatch``; the model answers through ``Request.reply``. Echo is answered here
-for every model, as the classic server did.
+``Dispatcher.dispatch``. ECHO and METADATA are answered here for every model; the rest is
+validated against what the model declares (spec/PROTOCOL.md section 3) and becomes public
+``Call`` objects for ``Model.submit``.
+
+Concurrent requests from any transport are combined: the thread that finds the model idle
+runs everything queued meanwhile, up to ``max_batch`` calls at a time, so requests from
+several connections and ring slots share one model call without a batching thread in between.
 """
 from __future__ import annotations
 
 import abc
+import collections
+import functools
 import logging
 import threading
+import time
 
 import numpy as np
 
-from .protocol import ErrorCode, MsgType, ProtocolError, check_request, encode_error
+from . import tensors
+from .model import Call, InferCall, Model, PromptCall
+from .protocol import (IMAGE_BYTES, ErrorCode, MsgType, ProtocolError, check_request,
+                       decode_prompt, encode_error, encode_scores)
 
 log = logging.getLogger("shmserve.dispatch")
 
+IMAGE_SHAPE = (3, 32, 32)
+# Distinct TensorList headers kept decoded; clients repeat a handful of shapes.
+_LAYOUT_CACHE = 256
+
+
+def _header_key(body) -> tuple[int, bytes] | None:
+    """(body length, header bytes) of a TensorList, found without checking the headers; None
+    when they do not even fit the body (parse_layout then says what is wrong)."""
+    size = len(body)
+    if size < 8:
+        return None
+    pos = 8
+    for _ in range(body[0] | body[1] << 8):
+        if pos + 4 > size:
+            return None
+        pos += (tensors.TENSOR_HEADER.size + 8 * body[pos + 1] + (body[pos + 2] | body[pos + 3] << 8)
+                + 7) & ~7
+    if pos > size:
+        return None
+    return size, bytes(body[:pos])
+
 
 class Request(abc.ABC):
-    """One request as read by a transport. ``body`` is valid until the final reply."""
+    """One request as read by a transport. ``body`` is valid until ``release``."""
 
     __slots__ = ("msg_type", "body", "done")
 
@@ -26,10 +58,6 @@ class Request(abc.ABC):
         self.msg_type = msg_type
         self.body = body
         self.done = False
-
-    def images(self) -> np.ndarray:
-        """The body as (N, 3, 32, 32) uint8, without copying."""
-        return np.frombuffer(self.body, dtype=np.uint8).reshape(-1, 3, 32, 32)
 
     def reply(self, msg_type: int, payload, final: bool = True) -> None:
         if self.done:
@@ -41,59 +69,204 @@ class Request(abc.ABC):
         if not self.done:
             self.reply(MsgType.ERROR, encode_error(code, message))
 
+    def release(self) -> None:
+        """Give the body's buffer back to the transport. Raises BufferError while a numpy view
+        of it is still alive somewhere."""
+        if isinstance(self.body, memoryview):
+            self.body.release()
+
     @abc.abstractmethod
     def _send(self, msg_type: int, payload, final: bool) -> None:
         """Deliver one reply frame. Must be safe to call from a model's worker thread."""
 
     def cancelled(self) -> bool:
-        """True when the client gave up on this request (only the ring can tell)."""
+        """True when the client gave up on this request."""
         return False
 
 
+def check_model(model) -> None:
+    """What the server relies on before serving ``model``; ValueError/TypeError say what is off."""
+    if not isinstance(model, Model):
+        raise TypeError(f"expected a shmserve.Model, got {type(model).__module__}."
+                        f"{type(model).__qualname__}")
+    signature = model.signature
+    if signature is not None and not isinstance(signature, tensors.Signature):
+        raise TypeError(f"model {model.name!r}: signature must be a shmserve.Signature, got "
+                        f"{type(signature).__name__}")
+    if model.labels is not None:
+        image = signature.inputs[0] if signature else None
+        scores = signature.outputs[0] if signature else None
+        if (image is None or len(signature.inputs) != 1 or image.dtype.name != "UINT8"
+                or image.shape != (-1, *IMAGE_SHAPE) or not signature.max_batch_size
+                or scores.dtype.name not in ("FP32", "FP64", "FP16")
+                or scores.shape not in ((-1, len(model.labels)), (-1, -1))):
+            raise ValueError(f"model {model.name!r} has labels, so it needs one UINT8 input of "
+                             f"shape [-1, 3, 32, 32] and a first output of shape "
+                             f"[-1, {len(model.labels)}] (batched)")
+
+
 class Dispatcher:
-    def __init__(self, model):
+    def __init__(self, model: Model, *, max_batch: int = 64, batch_wait_us: float = 0.0):
+        check_model(model)
         self.model = model
-        # Models are called from every transport's thread; inference engines are not
-        # re-entrant, and one model call at a time is also what batching wants.
+        self.max_batch = max_batch
+        self.batch_wait_s = batch_wait_us / 1e6
+        self.signature = model.signature
+        self.metadata = tensors.metadata_json(model.name, model.signature)
+        self._labels = tuple(label.encode() for label in model.labels or ())
+        self._layouts: dict[bytes, tensors.Layout] = {}
+        self._pending: collections.deque[Call] = collections.deque()
+        self._arrived = threading.Event()
         self._model_lock = threading.Lock()
 
-    def dispatch(self, requests) -> None:
-        for_model: list[Request] = []
+    def dispatch(self, requests, may_wait: bool = True) -> None:
+        """Answer or queue every request. ``may_wait=False`` from a caller that already waited
+        for its batch to fill (the ring loop), so a batch never waits twice."""
+        calls = []
         for request in requests:
             try:
-                msg_type = check_request(request.msg_type, len(request.body))
-                if msg_type is MsgType.ECHO:
-                    request.reply(MsgType.ECHO, request.body)
-                    continue
-                if msg_type not in self.model.handles:
-                    raise ProtocolError(ErrorCode.UNSUPPORTED, f"model {self.model.name!r} does "
-                                        f"not serve {msg_type.name}")
+                call = self._accept(request)
             except ProtocolError as exc:
                 request.fail(exc.code, exc.message)
-                continue
-            request.msg_type = msg_type
-            for_model.append(request)
-        if for_model:
-            self._call_model(for_model)
+                call = None
+            if call is None:
+                request.release()
+            else:
+                calls.append(call)
+        if calls:
+            self._run(calls, may_wait)
 
-    def _call_model(self, batch: list[Request]) -> None:
-        """One model call for everything validated together, so a model can batch across
-        request types (CLASSIFY, CLASSIFY_SCORES and CLASSIFY_BATCH share one forward pass)."""
+    # -- validation ------------------------------------------------------------------------
+    def _accept(self, request: Request) -> Call | None:
+        """The request's Call for the model, or None when it was answered here."""
+        msg_type = check_request(request.msg_type, len(request.body))
+        if msg_type == MsgType.ECHO:
+            request.reply(MsgType.ECHO, request.body)
+            return None
+        if msg_type is MsgType.INFER:
+            return InferCall(request, self._bind(request.body), self._encode_infer)
+        if msg_type is MsgType.METADATA:
+            request.reply(MsgType.METADATA, self.metadata)
+            return None
+        if msg_type in (MsgType.PROMPT, MsgType.PROMPT_STREAM):
+            prompt, steps = decode_prompt(request.body)  # content errors come first (3)
+            if not self.model.serves_prompts:
+                raise self._unsupported(msg_type)
+            request.msg_type = msg_type
+            return PromptCall(request, prompt, steps, msg_type is MsgType.PROMPT_STREAM)
+        # CLASSIFY, CLASSIFY_SCORES, CLASSIFY_BATCH
+        if not self._labels:
+            raise self._unsupported(msg_type)
+        count = len(request.body) // IMAGE_BYTES
+        if count > self.signature.max_batch_size:
+            raise ProtocolError(ErrorCode.BAD_LENGTH, f"{count} images; model "
+                                f"{self.model.name!r} takes at most "
+                                f"{self.signature.max_batch_size} at once")
+        images = np.frombuffer(request.body, np.uint8).reshape(count, *IMAGE_SHAPE)
+        encode = (self._encode_label if msg_type is MsgType.CLASSIFY
+                  else functools.partial(self._encode_scores, msg_type))
+        request.msg_type = msg_type
+        return InferCall(request, {self.signature.inputs[0].name: images}, encode)
+
+    def _unsupported(self, msg_type: MsgType) -> ProtocolError:
+        return ProtocolError(ErrorCode.UNSUPPORTED, f"model {self.model.name!r} does not serve "
+                             f"{msg_type.name}")
+
+    def _bind(self, body) -> dict[str, np.ndarray]:
+        # A layout depends only on the header bytes and the body's length, and clients repeat
+        # a handful of shapes: keep parsed layouts by those. A hostile client can only fill
+        # the cache, which is bounded.
+        key = _header_key(body)
+        layout = self._layouts.get(key) if key is not None else None
+        if layout is None:
+            layout, _ = tensors.parse_layout(body)
+            if key is not None and len(self._layouts) < _LAYOUT_CACHE:
+                self._layouts[key] = layout
+        arrays = tensors.views(body, layout)
+        if self.signature is None:  # structure first, as for prompts (section 3.1)
+            raise self._unsupported(MsgType.INFER)
+        return tensors.bind(self.signature, arrays)
+
+    # -- replies ---------------------------------------------------------------------------
+    def _encode_infer(self, outputs):
+        return MsgType.INFER, tensors.encode_outputs(self.signature, outputs)
+
+    def _scores(self, outputs) -> np.ndarray:
+        if isinstance(outputs, dict):
+            outputs = outputs[self.signature.outputs[0].name]
+        elif isinstance(outputs, (list, tuple)):
+            outputs = outputs[0]
+        scores = np.asarray(outputs, np.float32)
+        if scores.ndim != 2 or scores.shape[1] != len(self._labels):
+            raise TypeError(f"model {self.model.name!r} gave scores of shape "
+                            f"{list(scores.shape)}; its labels need [N, {len(self._labels)}]")
+        return scores
+
+    def _encode_label(self, outputs):
+        return MsgType.CLASSIFY, self._labels[int(self._scores(outputs)[0].argmax())]
+
+    def _encode_scores(self, msg_type: MsgType, outputs):
+        if len(self._labels) != 10:  # a ScoreRecord holds exactly ten probabilities
+            raise TypeError("CLASSIFY_SCORES and CLASSIFY_BATCH need a ten-label model")
+        return msg_type, encode_scores(self._scores(outputs))
+
+    # -- model calls -----------------------------------------------------------------------
+    def _run(self, calls: list[Call], may_wait: bool) -> None:
+        pending = self._pending
+        pending.extend(calls)
+        self._arrived.set()
+        # Whoever holds the lock drains the queue; a thread that finds it held leaves its calls
+        # there. The re-check after release closes the window in which the holder took an
+        # empty queue just before these calls arrived.
+        while pending:
+            if not self._model_lock.acquire(blocking=False):
+                return
+            try:
+                if may_wait and self.batch_wait_s:
+                    self._gather()
+                while pending:
+                    batch = [pending.popleft() for _ in range(min(len(pending), self.max_batch))]
+                    self._submit(batch)
+            finally:
+                self._model_lock.release()
+
+    def _gather(self) -> None:
+        """Dynamic batching for stream transports: let others join, up to batch_wait."""
+        deadline = time.monotonic() + self.batch_wait_s
+        while len(self._pending) < self.max_batch:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            self._arrived.wait(remaining)
+
+    def _submit(self, batch: list[Call]) -> None:
         try:
-            with self._model_lock:
-                self.model.handle(batch)
+            self.model.submit(batch)
         except ProtocolError as exc:
             self._fail_unanswered(batch, exc.code, exc.message)
-            return
         except Exception as exc:  # the model's bug must not take the server down
-            log.exception("model %s failed on %d request(s)", self.model.name, len(batch))
+            log.exception("model %s failed on %d call(s)", self.model.name, len(batch))
             self._fail_unanswered(batch, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
-            return
-        if not self.model.answers_later:
-            self._fail_unanswered(batch, ErrorCode.INTERNAL, "model returned without a reply")
+        finally:
+            for call in batch:
+                self._release(call)
+
+    def _release(self, call: Call) -> None:
+        """Enforce the lifetime rule: inputs are the transport's buffer, valid until submit()
+        returned. A view kept past that would read a slot reused by another request."""
+        if isinstance(call, InferCall):
+            call.inputs = None
+        try:
+            call._request.release()
+        except BufferError:
+            message = (f"model {self.model.name!r} kept a view of a request input after "
+                       f"submit() returned; copy it (numpy.array) to use it later")
+            log.error(message)
+            call.fail(message)
 
     @staticmethod
     def _fail_unanswered(batch, code, message):
-        for request in batch:
-            if not request.done:
-                request.fail(code, message)
+        for call in batch:
+            if not call.done:
+                call.fail(message, code)

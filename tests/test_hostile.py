@@ -20,8 +20,10 @@ import pytest
 
 from conftest import REPO, parse_replies, ring_objects
 from shmserve import layout as L
+from shmserve import tensors
 from shmserve.client import PacketClient, RingClient
-from shmserve.protocol import (ErrorCode, FramingError, MsgType, decode_error, decode_packet,
+from shmserve.protocol import (ErrorCode, FramingError, MsgType, ProtocolError, decode_error,
+                               decode_packet, decode_prompt,
                                encode_packet)
 
 
@@ -499,6 +501,18 @@ def random_stream(rng: random.Random) -> bytes:
     return b"".join(parts)
 
 
+def content_error(msg_type: int, body: bytes) -> ErrorCode:
+    """Content before support (sections 3, 3.1): the echo model serves no prompt or tensor."""
+    try:
+        if msg_type in (4, 5):
+            decode_prompt(body)
+        elif msg_type == 8:
+            tensors.decode(body)
+    except ProtocolError as exc:
+        return exc.code
+    return ErrorCode.UNSUPPORTED
+
+
 def expected_replies(stream: bytes) -> list:
     """Section 5 framing then section 3 validation; the echo model serves nothing but ECHO."""
     replies, offset = [], 0
@@ -512,14 +526,17 @@ def expected_replies(stream: bytes) -> list:
         offset += used
         if msg_type == MsgType.ECHO:
             replies.append((MsgType.ECHO, body))
-        elif msg_type in (6, 7, 0xFF) or msg_type > 7:
+        elif msg_type in (6, 7, 0xFF) or msg_type > 9:
             replies.append((MsgType.ERROR, ErrorCode.UNKNOWN_TYPE))
         elif (msg_type in (1, 2) and len(body) != 3072) or \
                 (msg_type == 3 and (not body or len(body) % 3072)) or \
-                (msg_type in (4, 5) and len(body) < 4):
+                (msg_type in (4, 5) and len(body) < 4) or (msg_type == 8 and len(body) < 8) or \
+                (msg_type == 9 and body):
             replies.append((MsgType.ERROR, ErrorCode.BAD_LENGTH))
+        elif msg_type == 9:
+            replies.append((MsgType.METADATA, tensors.metadata_json("echo", None)))
         else:
-            replies.append((MsgType.ERROR, ErrorCode.UNSUPPORTED))
+            replies.append((MsgType.ERROR, content_error(msg_type, body)))
     return replies
 
 

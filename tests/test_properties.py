@@ -25,9 +25,10 @@ from hypothesis import strategies as st
 
 from conftest import parse_replies
 from shmserve import layout as L
+from shmserve import tensors
 from shmserve.dispatch import Dispatcher
-from shmserve.models import Model
-from shmserve.protocol import (IMAGE_BYTES, MAX_BATCH_IMAGES, REQUEST_TYPES,
+from shmserve import Model, Signature, TensorSpec
+from shmserve.protocol import (IMAGE_BYTES, LABELS, MAX_BATCH_IMAGES, REQUEST_TYPES,
                                ErrorCode, FramingError, MsgType, ProtocolError, check_request,
                                decode_error, decode_packet, decode_prompt, encode_error,
                                encode_packet, encode_prompt)
@@ -95,13 +96,15 @@ def test_packet_stream_round_trips_and_every_cut_is_truncated(packets):
 
 def expected_check(msg_type: int, length: int):
     """Section 3's body-size table written out independently of protocol.check_request."""
-    if msg_type not in {0, 1, 2, 3, 4, 5}:
+    if msg_type not in {0, 1, 2, 3, 4, 5, 8, 9}:
         return ErrorCode.UNKNOWN_TYPE
     if msg_type in (1, 2) and length != 3072:
         return ErrorCode.BAD_LENGTH
     if msg_type == 3 and (length == 0 or length % 3072 or length // 3072 > 256):
         return ErrorCode.BAD_LENGTH
     if msg_type in (4, 5) and length < 4:
+        return ErrorCode.BAD_LENGTH
+    if (msg_type == 8 and length < 8) or (msg_type == 9 and length):
         return ErrorCode.BAD_LENGTH
     return None
 
@@ -239,15 +242,18 @@ def test_check_request_record(owner, req_len, capacity):
 
 class ProbeModel(Model):
     """Answers image requests with a digest of the images it was handed, so the test can tell
-    the server passed exactly the request's bytes, no more and no fewer."""
+    the server passed exactly the request's bytes, no more and no fewer. The digest is no
+    model output, so it goes out through the call's request, below the public API."""
     name = "probe"
-    handles = frozenset({MsgType.CLASSIFY, MsgType.CLASSIFY_SCORES, MsgType.CLASSIFY_BATCH})
+    labels = LABELS
+    signature = Signature([TensorSpec("image", "uint8", (-1, 3, 32, 32))],
+                          [TensorSpec("scores", "float32", (-1, 10))], max_batch_size=256)
 
-    def handle(self, requests):
-        for request in requests:
-            images = request.images()
-            request.reply(request.msg_type, probe_digest(images.tobytes()) +
-                          struct.pack("<I", images.shape[0]))
+    def submit(self, calls):
+        for call in calls:
+            images = call.inputs["image"]
+            call._request.reply(call._request.msg_type, probe_digest(images.tobytes()) +
+                                struct.pack("<I", images.shape[0]))
 
 
 def probe_digest(data: bytes) -> bytes:
@@ -356,17 +362,36 @@ def _close_ring_harness():
     close_harness()
 
 
+def content_error(msg_type: int, body: bytes, signature):
+    """After the size table: the body's content (section 3, 3.1), then whether the model
+    serves the type. The probe serves images and INFER; no model here serves prompts."""
+    try:
+        if msg_type in (MsgType.PROMPT, MsgType.PROMPT_STREAM):
+            decode_prompt(body)
+            return ErrorCode.UNSUPPORTED
+        if msg_type == MsgType.INFER:
+            decoded = tensors.decode(body)
+            if signature is None:
+                return ErrorCode.UNSUPPORTED
+            tensors.bind(signature, decoded)
+    except ProtocolError as exc:
+        return exc.code
+    return None
+
+
 def expected_frames(owner, req_len, req_type, body, capacity, resp_capacity):
     """Section 8 then section 3, as (type, payload, final) per frame."""
     if req_len > capacity or owner == 0:
         return [(MsgType.ERROR, ErrorCode.CORRUPT_RECORD, True)]
     code = expected_check(req_type, req_len)
-    if code is None and req_type in (MsgType.PROMPT, MsgType.PROMPT_STREAM):
-        code = ErrorCode.UNSUPPORTED
+    if code is None:
+        code = content_error(req_type, body, ProbeModel.signature)
     if code is not None:
         return [(MsgType.ERROR, code, True)]
     if req_type == MsgType.ECHO:
         payload = body
+    elif req_type == MsgType.METADATA:
+        payload = tensors.metadata_json(ProbeModel.name, ProbeModel.signature)
     else:
         payload = probe_digest(body) + struct.pack("<I", len(body) // IMAGE_BYTES)
     starts = range(0, max(len(payload), 1), resp_capacity)
@@ -490,9 +515,16 @@ def expected_replies(stream: bytes, max_body: int):
             return replies
         offset += used
         code = expected_check(msg_type, len(body))
-        if code is None and msg_type != MsgType.ECHO:
+        if code is None and msg_type in (1, 2, 3):
             code = ErrorCode.UNSUPPORTED
-        replies.append((MsgType.ECHO, body) if code is None else (MsgType.ERROR, code))
+        elif code is None:
+            code = content_error(msg_type, body, None)
+        if code is not None:
+            replies.append((MsgType.ERROR, code))
+        elif msg_type == MsgType.METADATA:
+            replies.append((MsgType.METADATA, tensors.metadata_json("echo", None)))
+        else:
+            replies.append((MsgType.ECHO, body))
     return replies
 
 

@@ -25,9 +25,8 @@ from pathlib import Path
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
-from shmserve.models import Model
-from shmserve.protocol import (IMAGE_BYTES, LABELS, ErrorCode, MsgType, ProtocolError,
-                               encode_scores)
+from shmserve import Model, Signature, TensorSpec
+from shmserve.protocol import IMAGE_BYTES, LABELS, MAX_BATCH_IMAGES, ErrorCode, ProtocolError
 
 IMAGE_SHAPE = (3, 32, 32)  # planes x rows x columns: IMAGE_BYTES bytes
 
@@ -157,16 +156,17 @@ def _describe(value: object) -> str:
 
 
 class CifarModel(Model):
-    """Serves CLASSIFY (label text), CLASSIFY_SCORES and CLASSIFY_BATCH.
+    """The CIFAR-10 CNN as an ordinary tensor model with labels: INFER takes uint8 planar
+    images, CLASSIFY, CLASSIFY_SCORES and CLASSIFY_BATCH come with the labels.
 
-    Every request the dispatcher hands over in one call becomes ONE forward pass: the
-    images are gathered straight from the transport's buffers (ring slots) into the
-    interpreter's input tensor, then the rows are split back per request.
-    """
+    Every request the server stacks into one call becomes ONE forward pass, the images gathered
+    straight from the transport's buffers (ring slots) into the interpreter's input tensor."""
 
     name = "cifar"
-    handles = frozenset({MsgType.CLASSIFY, MsgType.CLASSIFY_SCORES, MsgType.CLASSIFY_BATCH})
-    _LABEL_BYTES = tuple(label.encode() for label in LABELS)
+    labels = LABELS
+    signature = Signature([TensorSpec("image", "uint8", (-1, *IMAGE_SHAPE))],
+                          [TensorSpec("probabilities", "float32", (-1, len(LABELS)))],
+                          max_batch_size=MAX_BATCH_IMAGES)
 
     def __init__(self, classifier: CifarClassifier, warm_batches: tuple[int, ...] = (1, 2, 4, 8)):
         self.classifier = classifier
@@ -179,23 +179,9 @@ class CifarModel(Model):
     def warmup(self) -> None:
         self.classifier.warmup(self.warm_batches)
 
-    def handle(self, requests) -> None:
-        if len(requests) == 1:
-            images = requests[0].images()
-        else:
-            images = np.concatenate([request.images() for request in requests])
-        probabilities = self.classifier.predict(images)
-        row = 0
-        for request in requests:
-            count = len(request.body) // IMAGE_BYTES
-            rows = probabilities[row:row + count]
-            row += count
-            if request.msg_type == MsgType.CLASSIFY:
-                request.reply(MsgType.CLASSIFY, self._LABEL_BYTES[int(rows[0].argmax())])
-            else:
-                request.reply(request.msg_type, encode_scores(rows))
+    def infer(self, inputs):
+        return self.classifier.predict(inputs["image"])
 
 
-def build(args) -> Model:
-    classifier = CifarClassifier(args.model_path or DEFAULT_MODEL_PATH, num_threads=args.threads)
-    return CifarModel(classifier)
+def build(model_path: str | None = None, threads: int = 2) -> CifarModel:
+    return CifarModel(CifarClassifier(model_path or DEFAULT_MODEL_PATH, num_threads=threads))

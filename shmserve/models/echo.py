@@ -1,10 +1,6 @@
-"""The model-less server: echo only (the dispatcher answers ECHO for every model)."""
-from . import Model
+"""The model-less server: the dispatcher answers ECHO and METADATA for every model."""
+from shmserve import Model
 
 
 class EchoModel(Model):
     name = "echo"
-
-
-def build(args) -> Model:
-    return EchoModel()

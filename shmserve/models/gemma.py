@@ -11,16 +11,14 @@ import logging
 import queue
 import threading
 
-from . import Model
-from ..protocol import ErrorCode, MsgType, ProtocolError, decode_prompt
+from shmserve import ErrorCode, Model, ProtocolError
 
 log = logging.getLogger("shmserve.gemma")
 
 
 class GemmaModel(Model):
     name = "gemma"
-    handles = frozenset({MsgType.PROMPT, MsgType.PROMPT_STREAM})
-    answers_later = True
+    serves_prompts = True
 
     def __init__(self, engine, max_batch: int = 8):
         self.engine = engine
@@ -38,18 +36,14 @@ class GemmaModel(Model):
         seconds = self.engine.warmup(batch_sizes=(1,), stream=True)
         log.info("gemma warm-up (compilation) took %.1f s", seconds)
 
-    def handle(self, requests) -> None:
-        for request in requests:
+    def submit(self, calls) -> None:
+        for call in calls:
             try:
-                prompt, steps = decode_prompt(request.body)
-                # The prompt is copied out: drop the view into the transport's buffer (a ring
-                # slot), which must not outlive the request or the mapping.
-                request.body = b""
-                self.engine.check_prompt(prompt, steps)
+                self.engine.check_prompt(call.prompt, call.max_new_tokens)
             except ProtocolError as exc:
-                request.fail(exc.code, exc.message)
+                call.fail(exc.message, exc.code)
                 continue
-            self._pending.put((request, prompt, steps))
+            self._pending.put(call)
 
     def close(self) -> None:
         self._pending.put(None)
@@ -63,56 +57,54 @@ class GemmaModel(Model):
             batch = [first]
             while len(batch) < self.max_batch:
                 try:
-                    item = self._pending.get_nowait()
+                    call = self._pending.get_nowait()
                 except queue.Empty:
                     break
-                if item is None:
+                if call is None:
                     self._pending.put(None)  # finish this batch, then stop
                     break
-                batch.append(item)
+                batch.append(call)
             by_steps: dict[int, list] = {}
-            for request, prompt, steps in batch:
-                if request.cancelled():
-                    request.fail(ErrorCode.CANCELLED, "cancelled before sampling started")
+            for call in batch:
+                if call.cancelled():
+                    call.fail("cancelled before sampling started", ErrorCode.CANCELLED)
                 else:
-                    by_steps.setdefault(steps, []).append((request, prompt))
+                    by_steps.setdefault(call.max_new_tokens, []).append(call)
             for steps, group in by_steps.items():
                 self._sample(steps, group)
 
-    def _sample(self, steps: int, group: list) -> None:
-        requests = [request for request, _ in group]
-
+    def _sample(self, steps: int, calls: list) -> None:
         def on_piece(index: int, piece: str) -> None:
-            request = requests[index]
-            if request.msg_type == MsgType.PROMPT_STREAM and not request.cancelled():
-                request.reply(MsgType.STREAM_CHUNK, piece.encode(), final=False)
+            call = calls[index]
+            if call.streaming and not call.cancelled():
+                call.stream(piece)
 
-        streaming = any(r.msg_type == MsgType.PROMPT_STREAM for r in requests)
+        streaming = any(call.streaming for call in calls)
         try:
-            texts = self.engine.generate([prompt for _, prompt in group], steps,
+            texts = self.engine.generate([call.prompt for call in calls], steps,
                                          on_piece if streaming else None)
         except ProtocolError as exc:
-            for request in requests:
-                request.fail(exc.code, exc.message)
+            for call in calls:
+                call.fail(exc.message, exc.code)
             return
         except Exception as exc:  # the engine's failure is this batch's, not the server's
-            log.exception("sampling failed for %d prompt(s)", len(requests))
-            for request in requests:
-                request.fail(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            log.exception("sampling failed for %d prompt(s)", len(calls))
+            for call in calls:
+                call.fail(f"{type(exc).__name__}: {exc}")
             return
-        for request, text in zip(requests, texts):
-            if request.msg_type == MsgType.PROMPT_STREAM:
-                request.reply(MsgType.STREAM_END, b"")
+        for call, text in zip(calls, texts):
+            if call.cancelled():
+                call.fail("cancelled during sampling", ErrorCode.CANCELLED)
             else:
-                request.reply(MsgType.PROMPT, text.encode())
+                call.reply("" if call.streaming else text)
 
 
-def build(args) -> Model:
+def build(checkpoint: str | None = None, tokenizer: str | None = None, variant: str | None = None,
+          cache_length: int = 1024, max_new_tokens: int = 512) -> GemmaModel:
     from .gemma_engine import from_env_or_args
 
-    if not args.variant:
+    if not variant:
         raise ValueError("--model gemma needs --variant (a checkpoint stores no architecture)")
-    engine = from_env_or_args(args.checkpoint, args.tokenizer, args.variant,
-                              cache_length=args.cache_length,
-                              max_new_tokens_limit=args.max_new_tokens)
+    engine = from_env_or_args(checkpoint, tokenizer, variant, cache_length=cache_length,
+                              max_new_tokens_limit=max_new_tokens)
     return GemmaModel(engine)

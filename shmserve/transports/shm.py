@@ -41,7 +41,8 @@ LOCK_RETRY_S = 0.2
 _U32 = 0xFFFFFFFF
 # Payload types that are already flat bytes; anything else (numpy arrays) is cast once.
 _FLAT_BUFFERS = (bytes, bytearray, memoryview)
-_TEXT_TYPES = frozenset({MsgType.CLASSIFY, MsgType.PROMPT, MsgType.STREAM_CHUNK})
+_TEXT_TYPES = frozenset({MsgType.CLASSIFY, MsgType.PROMPT, MsgType.STREAM_CHUNK,
+                         MsgType.METADATA})
 _PID_MAX = 0x7FFFFFFF  # pid_t is a signed 32-bit integer
 
 
@@ -205,9 +206,6 @@ class RingRequest(Request):
         self.req_id = req_id
         self.cancel_flag = False
 
-    def images(self) -> np.ndarray:
-        return self.transport.image_view(self.slot, len(self.body))
-
     def cancelled(self) -> bool:
         return self.cancel_flag
 
@@ -246,9 +244,6 @@ class ShmTransport:
         self._owner = column(L.S_OWNER)
         self._served = np.zeros(g.slot_count, np.uint32)
         self._slot_base = [g.slot_offset(i) for i in range(g.slot_count)]
-        self._request_data = [np.frombuffer(mm, np.uint8, g.req_capacity, g.request_data_offset(i))
-                              for i in range(g.slot_count)]
-        self._single_image = [d[:3072].reshape(1, 3, 32, 32) for d in self._request_data]
         # Per-slot reply state, touched only by the ring thread.
         self._queued = [collections.deque() for _ in range(g.slot_count)]
         self._awaiting_ack: set[int] = set()  # slots whose last frame was not FINAL
@@ -280,7 +275,6 @@ class ShmTransport:
 
     def _release_views(self) -> None:
         self._req_seq = self._owner = None
-        self._request_data = self._single_image = None
         self._u32 = self._u64 = None  # the objects' views, released by objects.close
         self._mv.release()
 
@@ -362,11 +356,12 @@ class ShmTransport:
             for request in requests:
                 request.fail(ErrorCode.SHUTTING_DOWN, "server is stopping")
             return
-        self.dispatcher.dispatch(requests)
-        if self.dispatcher.model.answers_later:
-            for request in requests:
-                if not request.done:
-                    self._open_requests[request.slot] = request
+        self.dispatcher.dispatch(requests, may_wait=False)
+        # Requests a model answers from its own thread, or that another transport's thread
+        # runs in its model call, stay open until their final frame.
+        for request in requests:
+            if not request.done:
+                self._open_requests[request.slot] = request
 
     def _wait_for_more(self, room: int) -> list:
         """Dynamic batching: give other clients up to batch_wait to join this model call."""
@@ -411,11 +406,6 @@ class ShmTransport:
             requests.append(RingRequest(self, slot, seq, req_id, msg_type,
                                         self._mv[offset:offset + length]))
         return requests
-
-    def image_view(self, slot: int, length: int) -> np.ndarray:
-        if length == 3072:
-            return self._single_image[slot]
-        return self._request_data[slot][:length].reshape(-1, 3, 32, 32)
 
     # -- replies -----------------------------------------------------------------------------
     def send(self, request: RingRequest, msg_type: int, payload, final: bool) -> None:

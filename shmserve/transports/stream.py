@@ -10,6 +10,8 @@ import stat
 import threading
 import time
 
+import numpy as np
+
 from ..dispatch import Request
 from ..protocol import (MAX_PACKET_BODY, PACKET_HEADER, PACKET_LENGTH, ErrorCode, FramingError,
                         MsgType, check_packet_length, encode_error)
@@ -20,6 +22,16 @@ _FIRST_READ = 64 * 1024
 _ACCEPT_RETRY = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED,
                  errno.EPROTO, errno.EINTR}
 _ACCEPT_BACKOFF_S = 0.05
+_BODY_ALIGN = 64
+
+
+def _aligned(n: int) -> memoryview:
+    """n writable bytes whose byte 1, where a packet's body starts after its type byte, is on a
+    64-byte boundary: tensors in an INFER body are then aligned for their dtype and reach the
+    model as views of this buffer (section 3.1)."""
+    raw = np.empty(n + _BODY_ALIGN, np.uint8)
+    skip = -(raw.ctypes.data + 1) % _BODY_ALIGN
+    return memoryview(raw[skip:skip + n])
 
 
 class StreamRequest(Request):
@@ -33,6 +45,11 @@ class StreamRequest(Request):
     def _send(self, msg_type, payload, final):
         try:
             self.connection.send_packet(msg_type, payload)
+        except OSError as exc:
+            # The peer is gone (or too slow to take the reply): the model's thread must not
+            # fail for it, and serve() ends the connection when it reads again.
+            self.connection.closed = True
+            log.debug("reply not delivered: %s", exc)
         finally:
             if final:
                 self.finished.set()
@@ -58,7 +75,7 @@ class Connection:
                 self.sock.sendall(header)
                 self.sock.sendall(payload)
 
-    def _read_exact(self, n: int, eof_ok: bool = False) -> bytearray | None:
+    def _read_exact(self, n: int, eof_ok: bool = False) -> memoryview | None:
         """n bytes; None on a clean EOF before a packet's first byte when ``eof_ok``.
 
         A packet's first byte starts its clock: the whole packet must arrive within the packet
@@ -66,7 +83,7 @@ class Connection:
         one byte per interval. The buffer grows with the bytes that arrive, not with the
         length a peer announces: 1024 peers announcing 16 MiB each would otherwise cost
         16 GiB before sending anything."""
-        buf = bytearray(min(n, _FIRST_READ))
+        buf = _aligned(min(n, _FIRST_READ))
         got = 0
         while got < n:
             if self._packet_deadline is None:
@@ -77,8 +94,10 @@ class Connection:
                     raise TimeoutError(f"packet incomplete after {self.transport.packet_timeout} s")
                 self.sock.settimeout(remaining)
             if got == len(buf):
-                buf += bytes(min(got, n - got))
-            count = self.sock.recv_into(memoryview(buf)[got:])
+                bigger = _aligned(min(2 * got, n))
+                bigger[:got] = buf
+                buf = bigger
+            count = self.sock.recv_into(buf[got:])
             if not count:
                 if got == 0 and eof_ok:
                     return None
@@ -106,9 +125,11 @@ class Connection:
                     return  # the stream cannot be resynchronised: section 5
                 packet = self._read_exact(length)
                 self.sock.settimeout(transport.packet_timeout)  # the limit on sending the reply
-                request = StreamRequest(self, packet[0], memoryview(packet)[1:])
+                request = StreamRequest(self, packet[0], packet[1:])
                 transport.dispatcher.dispatch([request])
                 request.finished.wait()
+                if self.closed:  # a reply could not be delivered: the stream is out of step
+                    return
         except (ConnectionError, TimeoutError, OSError) as exc:
             log.debug("connection ended: %s", exc)
         finally:
