@@ -24,8 +24,19 @@ def _size(text: str) -> int:
     return int(lowered)
 
 
+def _ring_name(text: str) -> str:
+    """Checked for every transport: the name is also part of the default socket path."""
+    try:
+        return L.check_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_serve(sub) -> None:
     from . import transports
+    from .transports.http import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_HEADER_BYTES
+    from .transports.stream import (DEFAULT_BUFFER_BUDGET, DEFAULT_IDLE_TIMEOUT_S,
+                                    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PEER_CONNECTIONS)
     p = sub.add_parser("serve", help="serve a model over shared memory, a Unix socket, TCP, HTTP",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="cifar", metavar="TARGET",
@@ -36,18 +47,42 @@ def _add_serve(sub) -> None:
                    help="keyword argument for the model's factory (a string); repeatable")
     p.add_argument("--transport", default="shm,uds",
                    help=f"comma-separated transports from: {','.join(transports.NAMES)}")
-    p.add_argument("--name", default="default", help="ring name: /dev/shm/shmserve.NAME and its "
-                   "semaphores")
+    p.add_argument("--name", default="default", type=_ring_name,
+                   help="ring name: /dev/shm/shmserve.NAME and its semaphores; 1-64 of "
+                   "[A-Za-z0-9_-]")
     p.add_argument("--socket", default=None, help="Unix socket path (default "
-                   "/tmp/shmserve.NAME.sock)")
+                   f"{L.default_socket_path('NAME')}, in a directory made 0700 for this user); "
+                   "every directory above it must be root's or ours and not writable by others "
+                   "unless sticky")
     p.add_argument("--port", type=int, default=8080, help="HTTP port (on --http-host)")
     p.add_argument("--http-host", default="127.0.0.1")
     p.add_argument("--tcp-port", type=int, default=9090, help="TCP packet port (on --tcp-host)")
     p.add_argument("--tcp-host", default="127.0.0.1")
-    p.add_argument("--packet-timeout", type=float, default=10.0,
-                   help="uds/tcp: seconds a client may take to finish a packet it started")
+    p.add_argument("--tcp-peers", choices=("any", "owner"), default="any",
+                   help="tcp and http: 'owner' serves only local processes of this server's user "
+                   "(and of its group with --group-access), looked up in /proc/net/tcp; 'any' "
+                   "serves whoever can connect, every local user included")
     p.add_argument("--group-access", action="store_true",
                    help="create the ring, semaphores and socket 0660 instead of 0600")
+    limits = p.add_argument_group("connection limits (uds, tcp, http)")
+    limits.add_argument("--packet-timeout", type=float, default=10.0,
+                        help="uds/tcp: seconds a client may take to finish a packet it started, "
+                        "or to take its reply")
+    limits.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT_S,
+                        help="seconds a connection may stay open with no request in progress")
+    limits.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                        help="connections open at once, per transport; more are refused")
+    limits.add_argument("--max-peer-connections", type=int, default=DEFAULT_MAX_PEER_CONNECTIONS,
+                        help="connections open at once per peer (a local user, or a remote "
+                        "address), per transport")
+    limits.add_argument("--buffer-budget", type=_size, default=DEFAULT_BUFFER_BUDGET,
+                        help="uds/tcp: bytes of requests over 64 KiB held at once (until their "
+                        "reply is sent), across connections; a request waits up to "
+                        "--packet-timeout for room, then gets TOO_LARGE")
+    limits.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT_S,
+                        help="http: seconds a client may take to send a request's headers")
+    limits.add_argument("--max-header-bytes", type=_size, default=DEFAULT_MAX_HEADER_BYTES,
+                        help="http: largest request line plus headers; more gets 431")
     ring = p.add_argument_group("ring")
     ring.add_argument("--slots", type=int, default=L.DEFAULT_SLOTS,
                       help="requests in flight at once, across all clients")
@@ -98,7 +133,7 @@ def _model_options(pairs: list[str]) -> dict[str, str]:
 def _serve(args) -> int:
     from . import models, transports
     from .dispatch import Dispatcher
-    args.socket = args.socket or f"/tmp/shmserve.{args.name}.sock"
+    args.socket = args.socket or L.default_socket_path(args.name)
     names = [t.strip() for t in args.transport.split(",") if t.strip()]
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

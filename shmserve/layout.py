@@ -41,6 +41,7 @@ Slot (slot_stride bytes, 64-byte aligned)::
 from __future__ import annotations
 
 import dataclasses
+import os
 import enum
 import re
 
@@ -240,3 +241,14 @@ def check_request_record(owner: int, req_len: int, req_capacity: int) -> str | N
     if not owner:
         return "request in an unowned slot"
     return None
+
+
+def default_socket_dir() -> str:
+    """The Unix socket's directory unless --socket names one: private to this user, and the
+    same for a server and its clients whatever their environment (XDG_RUNTIME_DIR is unset
+    under sudo and in most services, so a client in a login shell would look elsewhere)."""
+    return f"/tmp/shmserve-{os.geteuid()}"
+
+
+def default_socket_path(name: str) -> str:
+    return f"{default_socket_dir()}/{name}.sock"

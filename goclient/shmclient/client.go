@@ -17,6 +17,7 @@ import (
 	"fmt"
 	"math"
 	"strings"
+	"sync"
 	"sync/atomic"
 
 	"github.com/shmserve/shmserve/goclient/internal/ring"
@@ -36,6 +37,13 @@ var (
 	ErrTooLarge = protocol.ErrTooLarge
 	// ErrClosed reports a call on a closed Client.
 	ErrClosed = errors.New("shmclient: client closed")
+	// ErrUntrusted reports a ring or socket that is not the server's: its
+	// objects or its peer belong to another user than WithServerUID's.
+	ErrUntrusted = ring.ErrUntrusted
+	// ErrNoFreeSlot reports a ring call that found every slot held by other
+	// processes for its whole wait (see WithClaimPatience); the request was
+	// not sent.
+	ErrNoFreeSlot = ring.ErrNoFreeSlot
 )
 
 // transport carries one request and its replies. Each reply message is
@@ -51,7 +59,13 @@ type transport interface {
 // Client talks to one shmserve server.
 type Client struct {
 	transport transport
-	closed    atomic.Bool
+	// fallbackAddr is where a call goes that the ring could not send (no free
+	// slot); "" when there is none, or Dial already fell back.
+	fallbackAddr string
+	options      options
+	fallbackMu   sync.Mutex
+	fallback     transport
+	closed       atomic.Bool
 }
 
 // Dial connects to addr: shm://NAME, unix:///path/to.sock or
@@ -62,6 +76,9 @@ func Dial(ctx context.Context, addr string, opts ...Option) (*Client, error) {
 	o := defaultOptions()
 	for _, opt := range opts {
 		opt(&o)
+	}
+	if o.fallback != "" && !o.claimPatienceSet {
+		o.ring.ClaimPatience = defaultFallbackPatience
 	}
 	t, err := dialTransport(ctx, addr, o)
 	if err != nil && o.fallback != "" && ctx.Err() == nil {
@@ -76,7 +93,11 @@ func Dial(ctx context.Context, addr string, opts ...Option) (*Client, error) {
 	if err != nil {
 		return nil, fmt.Errorf("shmclient: dial %s: %w", addr, err)
 	}
-	return &Client{transport: t}, nil
+	c := &Client{transport: t, options: o}
+	if t.scheme() == "shm" {
+		c.fallbackAddr = o.fallback
+	}
+	return c, nil
 }
 
 func dialTransport(ctx context.Context, addr string, o options) (transport, error) {
@@ -93,6 +114,11 @@ func dialTransport(ctx context.Context, addr string, o options) (transport, erro
 	return nil, fmt.Errorf("address %q: unknown scheme %q (want shm, unix or tcp)", addr, scheme)
 }
 
+// DefaultSocketPath is the Unix socket a server of ring NAME listens on when
+// started without --socket, for this process's user: unix:// plus it is the
+// usual fallback of shm://NAME.
+func DefaultSocketPath(name string) string { return ring.DefaultSocketPath(name) }
+
 // Transport names the transport in use: "shm", "unix" or "tcp". After a
 // fallback it names the fallback's.
 func (c *Client) Transport() string { return c.transport.scheme() }
@@ -103,7 +129,28 @@ func (c *Client) Close() error {
 	if c.closed.Swap(true) {
 		return nil
 	}
+	c.fallbackMu.Lock()
+	if c.fallback != nil {
+		c.fallback.close()
+	}
+	c.fallbackMu.Unlock()
 	return c.transport.close()
+}
+
+// fallbackTransport dials the fallback at its first use.
+func (c *Client) fallbackTransport(ctx context.Context) (transport, error) {
+	c.fallbackMu.Lock()
+	defer c.fallbackMu.Unlock()
+	if c.fallback == nil {
+		t, err := dialTransport(ctx, c.fallbackAddr, c.options)
+		if err != nil {
+			return nil, err
+		}
+		c.options.logger.Warn("shmclient: every ring slot is held by other processes; using the fallback",
+			"fallback", c.fallbackAddr)
+		c.fallback = t
+	}
+	return c.fallback, nil
 }
 
 // Echo sends data and returns the server's byte-identical copy.
@@ -251,7 +298,15 @@ func (c *Client) exchange(ctx context.Context, typ protocol.MsgType, body []byte
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	return c.transport.exchange(ctx, typ, body, onMessage)
+	err := c.transport.exchange(ctx, typ, body, onMessage)
+	if c.fallbackAddr == "" || !errors.Is(err, ErrNoFreeSlot) || !ring.NotSent(err) || ctx.Err() != nil {
+		return err
+	}
+	t, fallbackErr := c.fallbackTransport(ctx)
+	if fallbackErr != nil {
+		return fmt.Errorf("%w; fallback %s: %w", err, c.fallbackAddr, fallbackErr)
+	}
+	return t.exchange(ctx, typ, body, onMessage)
 }
 
 // errorReply turns an ERROR reply into the error it carries.

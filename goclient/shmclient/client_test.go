@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -356,5 +357,41 @@ func TestClosedClient(t *testing.T) {
 	client.Close()
 	if _, err := client.Echo(testCtx(t), []byte("x")); !errors.Is(err, ErrClosed) {
 		t.Fatalf("err = %v, want ErrClosed", err)
+	}
+}
+
+// A socket bound by another user (the path squatted before the server
+// started) must not get the request.
+func TestUnixSocketOfAnotherUserIsRefused(t *testing.T) {
+	addr := startStreamServer(t, fakeModel)
+	_, err := Dial(testCtx(t), addr, WithServerUID(os.Geteuid()+1))
+	if !errors.Is(err, ErrUntrusted) {
+		t.Fatalf("dial a socket served by uid %d expecting uid %d = %v, want ErrUntrusted", os.Geteuid(), os.Geteuid()+1, err)
+	}
+}
+
+// Every slot claimed by a live process that never sends: the call goes to
+// the fallback instead of waiting out its deadline.
+func TestCallFallsBackWhenOthersHoldEverySlot(t *testing.T) {
+	name := crosstest.UniqueName()
+	server := startRing(t, name, ringtest.Options{Slots: 2, Handler: fakeModel})
+	var logged bytes.Buffer
+	client := dial(t, "shm://"+name, WithFallback(startStreamServer(t, fakeModel)),
+		WithLogger(slog.New(slog.NewTextHandler(&logged, nil))))
+	server.SetOwner(0, 1)
+	server.SetOwner(1, 1)
+	defer server.SetOwner(0, 0)
+	defer server.SetOwner(1, 0)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if reply, err := client.Echo(ctx, []byte("x")); err != nil || string(reply) != "x" {
+		t.Fatalf("Echo with every slot held = %q, %v; want the fallback's reply", reply, err)
+	}
+	if !strings.Contains(logged.String(), "fallback") {
+		t.Fatalf("the fallback was not logged: %q", logged.String())
+	}
+	noFallback := dial(t, "shm://"+name, WithClaimPatience(20*time.Millisecond))
+	if _, err := noFallback.Echo(ctx, []byte("x")); !errors.Is(err, ErrNoFreeSlot) {
+		t.Fatalf("Echo with every slot held and no fallback = %v, want ErrNoFreeSlot", err)
 	}
 }

@@ -15,7 +15,13 @@ type options struct {
 	logger   *slog.Logger
 	ring     ring.Config
 	conns    int
+	// claimPatienceSet says WithClaimPatience chose ring.ClaimPatience.
+	claimPatienceSet bool
 }
+
+// defaultFallbackPatience is how long a ring call with a fallback waits for a
+// slot held by other processes before it takes the fallback instead.
+const defaultFallbackPatience = 100 * time.Millisecond
 
 // defaultConns is the default pool size of a socket transport. The packet
 // protocol carries one request at a time per connection, so this is also how
@@ -28,8 +34,24 @@ func defaultOptions() options {
 
 // WithFallback names the address to use when addr cannot be reached at Dial,
 // typically unix:///path when the ring is unavailable. The switch is logged
-// and Client.Transport reports it.
+// and Client.Transport reports it. A ring call that finds every slot held by
+// other processes for its claim patience (default 100ms with a fallback) is
+// sent over the fallback too, dialed at its first use.
 func WithFallback(addr string) Option { return func(o *options) { o.fallback = addr } }
+
+// WithClaimPatience bounds how long a ring call waits for a slot while other
+// processes hold every slot; it then fails with ErrNoFreeSlot, or goes to
+// the fallback. 0 waits until the call's context ends (the default without a
+// fallback).
+func WithClaimPatience(d time.Duration) Option {
+	return func(o *options) { o.ring.ClaimPatience, o.claimPatienceSet = max(d, 0), true }
+}
+
+// WithServerUID names the user the server runs as (default: this process's
+// effective uid). The client refuses a ring whose objects another user owns,
+// and a Unix socket whose server runs as another user (spec section 6.1):
+// set it to reach a --group-access server of another user.
+func WithServerUID(uid int) Option { return func(o *options) { o.ring.ServerUID = uid } }
 
 // WithLogger sets where the client logs fallbacks and re-attaches
 // (default slog.Default()).

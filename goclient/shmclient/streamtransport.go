@@ -12,6 +12,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/shmserve/shmserve/goclient/protocol"
 )
 
@@ -23,6 +25,7 @@ type streamTransport struct {
 	openSlots chan struct{}
 	idle      chan *streamConn
 	dialer    net.Dialer
+	serverUID int
 	closed    atomic.Bool
 }
 
@@ -39,6 +42,7 @@ func dialStream(ctx context.Context, network, address string, o options) (*strea
 		address:   address,
 		openSlots: make(chan struct{}, o.conns),
 		idle:      make(chan *streamConn, o.conns),
+		serverUID: o.ring.ServerUID,
 	}
 	t.openSlots <- struct{}{}
 	c, err := t.dial(ctx)
@@ -62,7 +66,40 @@ func (t *streamTransport) dial(ctx context.Context) (*streamConn, error) {
 		}
 		return nil, err
 	}
+	if unixConn, ok := conn.(*net.UnixConn); ok {
+		if err := checkPeer(unixConn, t.address, t.serverUID); err != nil {
+			conn.Close()
+			<-t.openSlots
+			return nil, err
+		}
+	}
 	return &streamConn{conn: conn, reader: bufio.NewReaderSize(conn, 64<<10)}, nil
+}
+
+// checkPeer refuses a Unix socket whose listening process runs as another
+// user than the server's (spec section 6.1), before a byte is sent: anyone
+// who could bind the path first would read the requests and forge replies.
+// (TCP has no such check: any local user can listen on a port.)
+func checkPeer(conn *net.UnixConn, address string, serverUID int) error {
+	raw, err := conn.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var cred *unix.Ucred
+	var credErr error
+	if err := raw.Control(func(fd uintptr) {
+		cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return err
+	}
+	if credErr != nil {
+		return fmt.Errorf("SO_PEERCRED on %s: %w", address, credErr)
+	}
+	if int(cred.Uid) != serverUID {
+		return fmt.Errorf("%w: unix socket %s is served by uid %d (pid %d), not by the server's uid %d",
+			ErrUntrusted, address, cred.Uid, cred.Pid, serverUID)
+	}
+	return nil
 }
 
 // get returns an idle connection, or a new one while fewer than the pool

@@ -16,6 +16,7 @@ import os
 import platform
 import re
 import secrets
+import stat
 import struct
 import threading
 import time
@@ -25,6 +26,7 @@ import numpy as np
 import posix_ipc
 
 from .. import layout as L
+from .. import trust
 from ..dispatch import Request
 from ..protocol import ErrorCode, MsgType, encode_error
 
@@ -62,6 +64,10 @@ class RingInUseError(RuntimeError):
     """Another live server holds the ring's liveness lock."""
 
 
+class RingSquattedError(trust.UntrustedFileError):
+    """Another user's file holds one of the ring's names, and this server may not remove it."""
+
+
 class RingObjects:
     """Creates, owns and removes the named objects of one ring (section 11)."""
 
@@ -85,7 +91,7 @@ class RingObjects:
 
     def _take_lock(self) -> int:
         path = L.lock_path(self.name, self.shm_dir)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, self.mode)
+        fd = self._open_own_lock(path)
         # Clients probe liveness with a brief shared lock (section 11); retry for a moment so
         # a probe that happens to overlap a restart is not mistaken for a live server.
         deadline = time.monotonic() + LOCK_RETRY_S
@@ -103,6 +109,48 @@ class RingObjects:
         os.fchmod(fd, self.mode)
         return fd
 
+    def _open_own_lock(self, path: str) -> int:
+        """Opens the lock file, never through a symlink and never one of another user's: a
+        lock anyone can create and flock first would deny the name, and a planted link made
+        the server flock and chmod the link's target (section 6.1)."""
+        flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
+        for _ in range(2):
+            try:
+                fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, self.mode)
+                return fd
+            except FileExistsError:
+                pass
+            try:
+                fd = os.open(path, flags | os.O_NONBLOCK)  # a FIFO planted there must not block
+            except FileNotFoundError:
+                continue  # removed meanwhile: create it
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                self._remove_foreign(path, f"{path} is a symlink")
+                continue
+            try:
+                trust.check_own(os.fstat(fd), path, "regular file", stat.S_ISREG)
+            except trust.UntrustedFileError as exc:
+                os.close(fd)
+                self._remove_foreign(path, str(exc))
+                continue
+            os.set_blocking(fd, True)
+            return fd
+        raise trust.UntrustedFileError(f"{path} keeps being replaced by another process")
+
+    def _remove_foreign(self, path: str, why: str) -> None:
+        """Unlinks a file that is not ours from sticky /dev/shm: only root (or the file's
+        owner) may, so any other server stops with the reason instead of trusting it."""
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        except PermissionError:
+            raise RingSquattedError(f"ring {self.name!r} cannot be served: {why}; its owner "
+                                    "or root must remove it, or pick another --name") from None
+        log.warning("removed %s: %s", path, why)
+
     def _sem_files(self) -> list[str]:
         # Exactly this ring's names, never another ring's whose name merely starts the same
         # (when names could hold dots, "NAME.*" also matched a live ring "NAME.x").
@@ -111,18 +159,21 @@ class RingObjects:
         return [path for path in glob.glob(pattern) if own.fullmatch(os.path.basename(path))]
 
     def _remove_stale(self) -> None:
-        """Holding the lock proves any object under this name belongs to a dead server."""
-        removed = []
-        try:
-            posix_ipc.unlink_shared_memory(L.shm_name(self.name))
-            removed.append(L.shm_name(self.name))
-        except posix_ipc.ExistentialError:
-            pass
-        for path in self._sem_files():
+        """Holding the lock proves any object under this name belongs to a dead server, or to
+        another user who created it first: that one goes too where we may remove it."""
+        removed = 0
+        for path in [os.path.join(self.shm_dir, L.shm_name(self.name)[1:]), *self._sem_files()]:
+            try:
+                owner = os.lstat(path).st_uid
+            except FileNotFoundError:
+                continue
+            if owner != os.geteuid():
+                self._remove_foreign(path, f"{path} is owned by uid {owner}")
+                continue
             os.unlink(path)
-            removed.append(path)
+            removed += 1
         if removed:
-            log.warning("removed %d stale object(s) of a dead server named %r", len(removed),
+            log.warning("removed %d stale object(s) of a dead server named %r", removed,
                         self.name)
 
     def _create(self) -> None:
@@ -153,7 +204,15 @@ class RingObjects:
 
     def _make_sem(self, sem_name: str) -> posix_ipc.Semaphore:
         sem = posix_ipc.Semaphore(sem_name, posix_ipc.O_CREX, mode=self.mode, initial_value=0)
-        os.chmod(os.path.join(self.shm_dir, "sem." + sem_name[1:]), self.mode)
+        # Widen past the umask through a descriptor of the file we just created, never by
+        # a path that could have become something else.
+        path = os.path.join(self.shm_dir, "sem." + sem_name[1:])
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            trust.check_own(os.fstat(fd), path, "regular file", stat.S_ISREG)
+            os.fchmod(fd, self.mode)
+        finally:
+            os.close(fd)
         return sem
 
     def set_state(self, state: L.ServerState) -> None:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import socket
-import stat
 import threading
 import time
 
@@ -15,6 +13,7 @@ import numpy as np
 from ..dispatch import Request
 from ..protocol import (MAX_PACKET_BODY, PACKET_HEADER, PACKET_LENGTH, ErrorCode, FramingError,
                         MsgType, check_packet_length, encode_error)
+from .peers import ConnectionGate, RefusalLog, peer_of
 
 log = logging.getLogger("shmserve.stream")
 
@@ -32,6 +31,36 @@ def _aligned(n: int) -> memoryview:
     raw = np.empty(n + _BODY_ALIGN, np.uint8)
     skip = -(raw.ctypes.data + 1) % _BODY_ALIGN
     return memoryview(raw[skip:skip + n])
+DEFAULT_IDLE_TIMEOUT_S = 60.0
+DEFAULT_MAX_CONNECTIONS = 1024
+DEFAULT_MAX_PEER_CONNECTIONS = 256
+DEFAULT_BUFFER_BUDGET = 256 * 1024 * 1024
+# Packets up to this size are read without asking the budget: a full budget must not stall
+# the small requests of everyone else, and 1024 connections x 64 KiB is a bound of its own.
+UNBUDGETED_PACKET = 64 * 1024
+
+
+class ByteBudget:
+    """The bytes of large requests held at once across connections, each from the moment its
+    body is read until its final reply has been sent (an echo's reply is its request's bytes).
+    A client that never reads its reply holds its share until the send times out."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self._free = total
+        self._cond = threading.Condition()
+
+    def reserve(self, n: int, timeout: float) -> bool:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._free >= n, timeout):
+                return False
+            self._free -= n
+            return True
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self._free += n
+            self._cond.notify_all()
 
 
 class StreamRequest(Request):
@@ -59,9 +88,10 @@ class StreamRequest(Request):
 
 
 class Connection:
-    def __init__(self, sock: socket.socket, transport: "StreamTransport"):
+    def __init__(self, sock: socket.socket, transport: "StreamTransport", peer):
         self.sock = sock
         self.transport = transport
+        self.peer = peer
         self.closed = False
         self._send_lock = threading.Lock()
         self._packet_deadline: float | None = None
@@ -123,11 +153,18 @@ class Connection:
                     self.sock.settimeout(transport.packet_timeout)
                     self.send_packet(MsgType.ERROR, encode_error(code, str(exc)))
                     return  # the stream cannot be resynchronised: section 5
-                packet = self._read_exact(length)
-                self.sock.settimeout(transport.packet_timeout)  # the limit on sending the reply
-                request = StreamRequest(self, packet[0], packet[1:])
-                transport.dispatcher.dispatch([request])
-                request.finished.wait()
+                budgeted = length if length > UNBUDGETED_PACKET else 0
+                if budgeted and not self._reserve(budgeted):
+                    return
+                try:
+                    packet = self._read_exact(length)
+                    self.sock.settimeout(transport.packet_timeout)  # the limit on sending the reply
+                    request = StreamRequest(self, packet[0], packet[1:])
+                    transport.dispatcher.dispatch([request])
+                    request.finished.wait()
+                finally:
+                    if budgeted:
+                        transport.budget.release(budgeted)
                 if self.closed:  # a reply could not be delivered: the stream is out of step
                     return
         except (ConnectionError, TimeoutError, OSError) as exc:
@@ -137,18 +174,37 @@ class Connection:
             self.sock.close()
             transport.forget(self)
 
+    def _reserve(self, length: int) -> bool:
+        """Waits (at most the packet timeout) for room in the buffer budget; without room the
+        peer gets TOO_LARGE and, its body unread, the connection is closed (section 5)."""
+        budget, timeout = self.transport.budget, self.transport.packet_timeout
+        if length <= budget.total and budget.reserve(length, timeout):
+            self._packet_deadline = time.monotonic() + timeout  # the wait was not the peer's
+            return True
+        self.sock.settimeout(timeout)
+        self.send_packet(MsgType.ERROR, encode_error(
+            ErrorCode.TOO_LARGE, f"a {length}-byte packet does not fit the server's buffer "
+            f"budget of {budget.total} bytes (--buffer-budget) within {timeout} s"))
+        return False
+
 
 class StreamTransport:
-    def __init__(self, dispatcher, sock: socket.socket, name: str, *, max_connections: int = 1024,
-                 packet_timeout: float = 10.0, idle_timeout: float | None = None,
-                 max_body: int = MAX_PACKET_BODY):
+    def __init__(self, dispatcher, sock: socket.socket, name: str, *,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 max_peer_connections: int = DEFAULT_MAX_PEER_CONNECTIONS,
+                 packet_timeout: float = 10.0, idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT_S,
+                 buffer_budget: int = DEFAULT_BUFFER_BUDGET, max_body: int = MAX_PACKET_BODY,
+                 admit_peer=None):
         self.dispatcher = dispatcher
         self.sock = sock
         self.name = name
-        self.max_connections = max_connections
+        self.gate = ConnectionGate(max_connections, max_peer_connections)
         self.packet_timeout = packet_timeout
         self.idle_timeout = idle_timeout
+        self.budget = ByteBudget(buffer_budget)
         self.max_body = max_body
+        self.admit_peer = admit_peer  # a predicate on the peer, or None: everyone who can connect
+        self.refusals = RefusalLog(log, name)
         self.stopping = False
         self._connections: set[Connection] = set()
         self._lock = threading.Lock()
@@ -178,26 +234,39 @@ class StreamTransport:
                 time.sleep(_ACCEPT_BACKOFF_S)
                 continue
             starved = False
-            if client.family == socket.AF_INET:
+            try:
+                peer = peer_of(client)
+            except OSError:  # the peer is already gone
+                client.close()
+                continue
+            if self.admit_peer is not None and not self.admit_peer(peer):
+                self.refusals.refused(f"peer {peer} is not allowed (--tcp-peers)")
+                client.close()
+                continue
+            refusal = self.gate.admit(peer)
+            if refusal:
+                self.refusals.refused(refusal)
+                client.close()
+                continue
+            if client.family in (socket.AF_INET, socket.AF_INET6):
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            connection = Connection(client, self, peer)
             with self._lock:
-                if len(self._connections) >= self.max_connections:
-                    log.warning("refusing connection: %d open", len(self._connections))
-                    client.close()
-                    continue
-                connection = Connection(client, self)
                 self._connections.add(connection)
             try:
                 threading.Thread(target=connection.serve, name=f"{self.name}-conn",
                                  daemon=True).start()
             except RuntimeError as exc:  # out of threads: refuse this one, keep accepting
-                log.warning("refusing connection: %s", exc)
+                self.refusals.refused(str(exc))
                 client.close()
                 self.forget(connection)
 
     def forget(self, connection: Connection) -> None:
         with self._lock:
+            if connection not in self._connections:
+                return
             self._connections.discard(connection)
+        self.gate.release(connection.peer)
 
     def stop(self) -> None:
         self.stopping = True
@@ -215,23 +284,8 @@ class StreamTransport:
         self._thread.join(timeout=5)
 
 
-def listen_unix(path: str, mode: int) -> socket.socket:
-    """Bind a Unix socket at ``path``, replacing a stale socket file but never a live one."""
-    if os.path.exists(path):
-        if not stat.S_ISSOCK(os.stat(path).st_mode):
-            raise FileExistsError(f"{path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-            raise FileExistsError(f"{path} is in use by a live server")
-        except (ConnectionRefusedError, FileNotFoundError):
-            os.unlink(path)
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o777 & ~mode)  # no window in which the socket is wider than mode
-    try:
-        sock.bind(path)
-    finally:
-        os.umask(old_umask)
-    return sock
+def stream_options(args) -> dict:
+    """The limits every stream transport takes from the command line."""
+    return dict(packet_timeout=args.packet_timeout, idle_timeout=args.idle_timeout,
+                max_connections=args.max_connections,
+                max_peer_connections=args.max_peer_connections, buffer_budget=args.buffer_budget)

@@ -1,7 +1,10 @@
-"""TCP transport: the same packets as uds on --tcp-host:--tcp-port (loopback by default)."""
+"""TCP transport: the same packets as uds on --tcp-host:--tcp-port (loopback by default).
+Every local user can connect to a loopback port; ``--tcp-peers owner`` admits only the
+server's own user (and group, with --group-access)."""
 import socket
 
-from .stream import StreamTransport
+from .peers import owner_uids_allowed
+from .stream import StreamTransport, stream_options
 
 
 class TcpTransport(StreamTransport):
@@ -15,5 +18,6 @@ class TcpTransport(StreamTransport):
 
 
 def build(dispatcher, args):
-    return TcpTransport(dispatcher, args.tcp_host, args.tcp_port,
-                        packet_timeout=args.packet_timeout)
+    admit = owner_uids_allowed(args.group_access) if args.tcp_peers == "owner" else None
+    return TcpTransport(dispatcher, args.tcp_host, args.tcp_port, admit_peer=admit,
+                        **stream_options(args))

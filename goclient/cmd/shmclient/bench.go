@@ -49,8 +49,6 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return err
 	}
 	defer stopServer()
-	ctx, cancel := context.WithTimeout(ctx, conn.timeout)
-	defer cancel()
 	payload := make([]byte, *size)
 	rand.Read(payload)
 
@@ -64,7 +62,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		targets = append(targets, &benchTarget{addr: addr, client: client, latency: newLatencies()})
 	}
 	for _, t := range targets {
-		if _, err := echoLoad(ctx, t.client, *warmup, *concurrency, payload, nil); err != nil {
+		if _, err := echoLoad(ctx, t.client, *warmup, *concurrency, conn.timeout, payload, nil); err != nil {
 			return fmt.Errorf("%s: warm-up: %w", t.addr, err)
 		}
 	}
@@ -75,7 +73,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			n++
 		}
 		for _, t := range targets {
-			elapsed, err := echoLoad(ctx, t.client, n, *concurrency, payload, t.latency)
+			elapsed, err := echoLoad(ctx, t.client, n, *concurrency, conn.timeout, payload, t.latency)
 			if err != nil {
 				return fmt.Errorf("%s: %w", t.addr, err)
 			}
@@ -86,9 +84,9 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	return nil
 }
 
-// echoLoad sends requests echoes from concurrency goroutines, checking
-// every reply, and returns the wall time they took.
-func echoLoad(ctx context.Context, client *shmclient.Client, requests, concurrency int, payload []byte, latency *latencies) (time.Duration, error) {
+// echoLoad sends requests echoes from concurrency goroutines, each with its
+// own timeout, checking every reply, and returns the wall time they took.
+func echoLoad(ctx context.Context, client *shmclient.Client, requests, concurrency int, timeout time.Duration, payload []byte, latency *latencies) (time.Duration, error) {
 	// The first failure stops every goroutine, in flight or not.
 	ctx, stop := context.WithCancel(ctx)
 	defer stop()
@@ -101,9 +99,11 @@ func echoLoad(ctx context.Context, client *shmclient.Client, requests, concurren
 		wg.Go(func() {
 			local := newLatencies()
 			for next.Add(1) <= int64(requests) {
+				callCtx, cancel := context.WithTimeout(ctx, timeout)
 				sent := time.Now()
-				reply, err := client.Echo(ctx, payload)
+				reply, err := client.Echo(callCtx, payload)
 				took := time.Since(sent)
+				cancel()
 				if err == nil && !bytes.Equal(reply, payload) {
 					err = fmt.Errorf("reply of %d bytes differs from the %d-byte request", len(reply), len(payload))
 				}

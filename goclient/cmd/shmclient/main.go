@@ -94,19 +94,21 @@ func newFlagSet(name, args, summary string, stderr io.Writer) *flag.FlagSet {
 
 // connectionFlags are the flags every command has for reaching the server.
 type connectionFlags struct {
-	addr     string
-	fallback string
-	timeout  time.Duration
-	spin     time.Duration
-	liveness time.Duration
-	spawn    spawnFlags
+	addr      string
+	fallback  string
+	timeout   time.Duration
+	serverUID int
+	spin      time.Duration
+	liveness  time.Duration
+	spawn     spawnFlags
 }
 
 // register adds the flags; spawnModel is the model -spawn serves unless
 // -spawn-model says otherwise.
 func (f *connectionFlags) register(fs *flag.FlagSet, timeout time.Duration, spawnModel string) {
 	fs.StringVar(&f.addr, "addr", "shm://default", "server address: shm://NAME, unix:///path/to.sock or tcp://host:port")
-	fs.StringVar(&f.fallback, "fallback", "", "address to use when -addr cannot be reached (e.g. unix:///tmp/shmserve.default.sock)")
+	fs.StringVar(&f.fallback, "fallback", "", "address to use when -addr cannot be reached, or its ring has no free slot (e.g. unix://"+shmclient.DefaultSocketPath("default")+")")
+	fs.IntVar(&f.serverUID, "server-uid", os.Geteuid(), "the uid the server must run as: a ring or unix socket of another user is refused")
 	fs.DurationVar(&f.timeout, "timeout", timeout, "deadline of each request (and of connecting)")
 	fs.DurationVar(&f.spin, "spin", 50*time.Microsecond, "shm: how long to poll for a reply before blocking; 0 blocks at once")
 	fs.DurationVar(&f.liveness, "liveness", 50*time.Millisecond, "shm: how often a blocked request checks that the server lives")
@@ -126,6 +128,7 @@ func (f *connectionFlags) dial(ctx context.Context, addr string, conns int, stde
 		shmclient.WithSpin(f.spin),
 		shmclient.WithLivenessInterval(f.liveness),
 		shmclient.WithConns(conns),
+		shmclient.WithServerUID(f.serverUID),
 		shmclient.WithLogger(slog.New(slog.NewTextHandler(stderr, nil))),
 	}
 	if f.fallback != "" {

@@ -14,6 +14,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/shmserve/shmserve/goclient/internal/crosstest"
 	"github.com/shmserve/shmserve/goclient/internal/ring/ringtest"
@@ -39,8 +40,13 @@ func labelByRed(_ context.Context, typ protocol.MsgType, body []byte) []ringtest
 
 func startServer(t *testing.T) string {
 	t.Helper()
+	return startServerWith(t, labelByRed)
+}
+
+func startServerWith(t *testing.T, handler ringtest.Handler) string {
+	t.Helper()
 	name := crosstest.UniqueName()
-	server, err := ringtest.Start(name, ringtest.Options{Slots: 4, Handler: labelByRed})
+	server, err := ringtest.Start(name, ringtest.Options{Slots: 4, Handler: handler})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -136,6 +142,23 @@ func TestBenchComparesTwoAddresses(t *testing.T) {
 	stdout, stderr, status := runCLI(t, "bench", "-addr", first+","+second, "-n", "500", "-warmup", "50", "-c", "2", "-reps", "2")
 	if status != 0 || strings.Count(stdout, "shm://") < 2 || !strings.Contains(stdout, "shm vs shm: latency") {
 		t.Fatalf("bench: %q %q %d", stdout, stderr, status)
+	}
+}
+
+// -timeout bounds each request, as -h says: a run far longer than it, of
+// requests far shorter, must succeed.
+func TestBenchTimeoutIsPerRequest(t *testing.T) {
+	addr := startServerWith(t, func(ctx context.Context, typ protocol.MsgType, body []byte) []ringtest.Message {
+		time.Sleep(time.Millisecond)
+		return []ringtest.Message{{Type: typ, Body: body}}
+	})
+	start := time.Now()
+	stdout, stderr, status := runCLI(t, "bench", "-addr", addr, "-n", "300", "-warmup", "0", "-reps", "1", "-timeout", "100ms")
+	if status != 0 {
+		t.Fatalf("bench of 300 1-ms requests with -timeout 100ms failed after %v: %q %q", time.Since(start), stdout, stderr)
+	}
+	if elapsed := time.Since(start); elapsed < 300*time.Millisecond {
+		t.Fatalf("300 requests of at least 1ms each took %v", elapsed)
 	}
 }
 

@@ -19,7 +19,8 @@ import (
 
 // spawnFlags start a server for the duration of one command, configured
 // from the addresses the command dials: shm://NAME serves --name NAME over
-// shm,uds (so that a unix:// -fallback to /tmp/shmserve.NAME.sock works);
+// shm,uds (so that a -fallback to its default socket works, see
+// shmclient.DefaultSocketPath);
 // unix:///path adds uds with --socket path; tcp://host:port adds tcp with
 // --tcp-host and --tcp-port.
 type spawnFlags struct {

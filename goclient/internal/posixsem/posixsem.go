@@ -33,15 +33,19 @@ static int shmserve_sem_post_if_zero(sem_t *sem) {
 	return 0;
 }
 
-// Returns how many tokens it took.
-static int64_t shmserve_sem_drain(sem_t *sem, int *err) {
+// Returns how many tokens it took, at most limit: a count pushed towards
+// SEM_VALUE_MAX would otherwise keep one cgo call busy for many seconds, out
+// of reach of the caller's deadline.
+static int64_t shmserve_sem_drain(sem_t *sem, int64_t limit, int *err) {
 	int64_t taken = 0;
-	for (;;) {
+	*err = 0;
+	while (taken < limit) {
 		if (sem_trywait(sem) == 0) { taken++; continue; }
 		if (errno == EINTR) continue;
 		*err = errno == EAGAIN ? 0 : errno;
 		return taken;
 	}
+	return taken;
 }
 
 // Waits for one token for at most timeout_ns on CLOCK_MONOTONIC (immune to
@@ -121,10 +125,11 @@ func (s *Semaphore) PostIfZero() error {
 	return s.result("sem_post", C.shmserve_sem_post_if_zero(s.sem))
 }
 
-// Drain takes every pending token without blocking and says how many.
-func (s *Semaphore) Drain() (int, error) {
+// Drain takes pending tokens without blocking, at most limit, and says how
+// many it took.
+func (s *Semaphore) Drain(limit int) (int, error) {
 	var errno C.int
-	taken := C.shmserve_sem_drain(s.sem, &errno)
+	taken := C.shmserve_sem_drain(s.sem, C.int64_t(limit), &errno)
 	return int(taken), s.result("sem_trywait", errno)
 }
 

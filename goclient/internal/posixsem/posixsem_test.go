@@ -34,14 +34,16 @@ func TestPostIfZeroKeepsOneToken(t *testing.T) {
 	}
 }
 
-func TestDrainTakesEveryToken(t *testing.T) {
+func TestDrainTakesTokensUpToItsLimit(t *testing.T) {
 	sem := newTestSemaphore(t)
 	for range 5 {
 		sem.Post()
 	}
-	taken, err := sem.Drain()
-	if err != nil || taken != 5 {
-		t.Fatalf("Drain = %d, %v; want 5, nil", taken, err)
+	if taken, err := sem.Drain(3); err != nil || taken != 3 {
+		t.Fatalf("Drain(3) of 5 tokens = %d, %v; want 3, nil", taken, err)
+	}
+	if taken, err := sem.Drain(10); err != nil || taken != 2 {
+		t.Fatalf("Drain(10) of 2 tokens = %d, %v; want 2, nil", taken, err)
 	}
 	if value, _ := sem.Value(); value != 0 {
 		t.Fatalf("value after Drain = %d", value)

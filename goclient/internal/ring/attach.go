@@ -2,6 +2,7 @@ package ring
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -27,6 +28,14 @@ type Config struct {
 	// LivenessInterval bounds every blocking wait: a blocked caller checks
 	// that the server lives at least this often (spec section 10: 50 ms).
 	LivenessInterval time.Duration
+	// ServerUID is the user the server must run as: every object of the ring
+	// must be owned by it (spec section 6.1). DefaultConfig: this process's
+	// effective uid.
+	ServerUID int
+	// ClaimPatience bounds how long a call waits for a slot while other
+	// processes hold every one; it then fails with ErrNoFreeSlot. 0: until
+	// the call's context ends.
+	ClaimPatience time.Duration
 }
 
 // DefaultConfig spins 50 µs: long enough to catch any reply the server has
@@ -40,6 +49,7 @@ func DefaultConfig() Config {
 	return Config{
 		Spin:             50 * time.Microsecond,
 		LivenessInterval: 50 * time.Millisecond,
+		ServerUID:        os.Geteuid(),
 	}
 }
 
@@ -103,7 +113,7 @@ func sleepCtx(ctx context.Context, d time.Duration) error {
 // itself and checked against the header, so a corrupt header cannot make the
 // client read outside it.
 func mapRing(name string, cfg Config) (*Ring, error) {
-	fd, err := unix.Open(ShmPath(name), unix.O_RDWR|unix.O_CLOEXEC, 0)
+	fd, err := unix.Open(ShmPath(name), unix.O_RDWR|unix.O_CLOEXEC|unix.O_NOFOLLOW, 0)
 	if errors.Is(err, unix.ENOENT) {
 		return nil, fmt.Errorf("%w: no ring %s (%s does not exist)", ErrServerGone, name, ShmPath(name))
 	}
@@ -114,6 +124,11 @@ func mapRing(name string, cfg Config) (*Ring, error) {
 	var stat unix.Stat_t
 	if err := unix.Fstat(fd, &stat); err != nil {
 		return nil, &os.PathError{Op: "fstat", Path: ShmPath(name), Err: err}
+	}
+	// Before a byte is read or written: whoever owns the memory reads the
+	// requests and writes the replies.
+	if err := checkOwned(ShmPath(name), &stat, cfg.ServerUID, nil); err != nil {
+		return nil, err
 	}
 	if stat.Size < HeaderSize {
 		return nil, errNotCreatedYet
@@ -131,7 +146,12 @@ func mapRing(name string, cfg Config) (*Ring, error) {
 		}
 		return nil, fmt.Errorf("ring %s: %w", name, err)
 	}
-	if err := r.openObjects(); err != nil {
+	groupAccess := binary.LittleEndian.Uint32(mem[HeaderFlagsOffset:])&HeaderFlagGroupAccess != 0
+	if err := checkOwned(ShmPath(name), &stat, cfg.ServerUID, &groupAccess); err != nil {
+		r.unmap()
+		return nil, err
+	}
+	if err := r.openObjects(cfg.ServerUID, groupAccess); err != nil {
 		r.unmap()
 		return nil, err
 	}
@@ -152,20 +172,41 @@ func magicUnwritten(mem []byte) bool {
 	return true
 }
 
-// openObjects opens the liveness lock and the semaphores. The server creates
-// them all before it writes magic, so a missing one means it is gone.
-func (r *Ring) openObjects() error {
-	var err error
-	if r.lock, err = os.Open(LockPath(r.name)); err != nil {
-		return r.goneIfMissing(err)
+// openObjects opens the liveness lock and the semaphores, each checked to be
+// the server's (section 6.1): another user's lock would fake a live server.
+// The server creates them all before it writes magic, so a missing one means
+// it is gone.
+func (r *Ring) openObjects(serverUID int, groupAccess bool) error {
+	fd, err := unix.Open(LockPath(r.name), unix.O_RDONLY|unix.O_CLOEXEC|unix.O_NOFOLLOW, 0)
+	if err != nil {
+		return r.goneIfMissing(&os.PathError{Op: "open", Path: LockPath(r.name), Err: err})
 	}
-	if r.requestSem, err = posixsem.Open(RequestSemName(r.name)); err != nil {
-		return r.goneIfMissing(err)
+	r.lock = os.NewFile(uintptr(fd), LockPath(r.name))
+	var stat unix.Stat_t
+	if err := unix.Fstat(fd, &stat); err != nil {
+		return &os.PathError{Op: "fstat", Path: LockPath(r.name), Err: err}
+	}
+	if err := checkOwned(LockPath(r.name), &stat, serverUID, &groupAccess); err != nil {
+		return err
+	}
+	open := func(semName string) (*posixsem.Semaphore, error) {
+		sem, err := posixsem.Open(semName)
+		if err != nil {
+			return nil, r.goneIfMissing(err)
+		}
+		if err := checkPath(SemPath(semName), serverUID, groupAccess); err != nil {
+			sem.Close()
+			return nil, r.goneIfMissing(err)
+		}
+		return sem, nil
+	}
+	if r.requestSem, err = open(RequestSemName(r.name)); err != nil {
+		return err
 	}
 	r.slotSems = make([]*posixsem.Semaphore, r.geo.SlotCount)
 	for i := range r.slotSems {
-		if r.slotSems[i], err = posixsem.Open(SlotSemName(r.name, i)); err != nil {
-			return r.goneIfMissing(err)
+		if r.slotSems[i], err = open(SlotSemName(r.name, i)); err != nil {
+			return err
 		}
 	}
 	return nil
@@ -196,6 +237,7 @@ func (r *Ring) initSlots(cfg Config) {
 		s.sem = r.slotSems[i]
 		r.free <- s
 	}
+	r.claimPatience = cfg.ClaimPatience
 	r.waiter = NewWaiter(cfg.Spin, cfg.LivenessInterval)
 	r.reaperWaiter = NewWaiter(0, cfg.LivenessInterval)
 }

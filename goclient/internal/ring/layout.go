@@ -3,7 +3,11 @@
 // waits for reply frames, flow control, cancellation and liveness.
 package ring
 
-import "strconv"
+import (
+	"os"
+	"strconv"
+	"strings"
+)
 
 // Everything the Go side knows about the byte layout of a ring is in this
 // file, next to the diagrams of spec section 7; shmserve/layout.py is its
@@ -51,7 +55,7 @@ const (
 	HeaderTotalSizeOffset    = 32 // u64
 	HeaderGenerationOffset   = 40 // u64
 	HeaderServerPIDOffset    = 48 // u32
-	HeaderFlagsOffset        = 52 // u32
+	HeaderFlagsOffset        = 52 // u32, HeaderFlag* bits
 	HeaderServerStateOffset  = 64 // u32, a ServerState
 	HeaderHeartbeatOffset    = 72 // u64, CLOCK_MONOTONIC ns
 	HeaderDoorbellOffset     = 128
@@ -148,3 +152,18 @@ func SlotSemName(ring string, slot int) string {
 
 // LockPath is the liveness lock the server holds for its whole life.
 func LockPath(ring string) string { return "/dev/shm/shmserve." + ring + ".lock" }
+
+// SemPath is the file behind the POSIX semaphore semName (glibc's layout).
+func SemPath(semName string) string { return "/dev/shm/sem." + strings.TrimPrefix(semName, "/") }
+
+// HeaderFlagGroupAccess is the header flag of a server started with
+// --group-access: its objects are 0660 instead of 0600.
+const HeaderFlagGroupAccess = 1
+
+// DefaultSocketDir is the directory of the server's Unix socket when
+// --socket does not name one: private to the user (shmserve/layout.py
+// computes the same path).
+func DefaultSocketDir() string { return "/tmp/shmserve-" + strconv.Itoa(os.Geteuid()) }
+
+// DefaultSocketPath is the Unix socket a server of ring serves by default.
+func DefaultSocketPath(ring string) string { return DefaultSocketDir() + "/" + ring + ".sock" }

@@ -34,9 +34,10 @@ type Ring struct {
 	// the CAS on owner then only arbitrates between processes.
 	free chan *slot
 
-	nextReqID    atomic.Uint64
-	waiter       *Waiter
-	reaperWaiter *Waiter
+	nextReqID     atomic.Uint64
+	claimPatience time.Duration
+	waiter        *Waiter
+	reaperWaiter  *Waiter
 
 	// users counts the calls and reapers using the mapping, plus one for
 	// the ring itself until Close; the mapping goes when it reaches 0.
@@ -77,6 +78,10 @@ const (
 	claimBackoffMin = 20 * time.Microsecond
 	claimBackoffMax = 2 * time.Millisecond
 )
+
+// maxDrain bounds the stale tokens one claim takes: a legitimate count is at
+// most the frames of the slot's last replies that were consumed by spinning.
+const maxDrain = 4096
 
 // Call sends one request and hands every reply frame to onFrame, in order,
 // until the FINAL one. frame.Data aliases shared memory and is valid only
@@ -129,15 +134,24 @@ func (r *Ring) retiredError() error {
 	return fmt.Errorf("%w: ring %s was closed", ErrServerGone, r.name)
 }
 
+// ErrNoFreeSlot reports a call that found every slot of the ring held by
+// other processes for its whole wait: its ClaimPatience, or its context. The
+// request was not sent, so it may go to another transport.
+var ErrNoFreeSlot = errors.New("shmserve: no free ring slot (other processes hold every slot)")
+
 // claim takes a slot free in this process and claims it in shared memory.
+// Waiting for the goroutines of this process is plain queueing; waiting on
+// other processes is bounded by ClaimPatience, since a process may hold its
+// slots claimed and idle for as long as it lives.
 func (r *Ring) claim(ctx context.Context) (*slot, error) {
 	backoff := claimBackoffMin
+	var heldSince time.Time // the first time a slot was found held by another process
 	for failures := 1; ; failures++ {
 		var s *slot
 		select {
 		case s = <-r.free:
 		case <-ctx.Done():
-			return nil, ctx.Err()
+			return nil, r.claimFailed(heldSince, ctx.Err())
 		case <-r.dead:
 			return nil, *r.deadErr.Load()
 		}
@@ -145,13 +159,31 @@ func (r *Ring) claim(ctx context.Context) (*slot, error) {
 			return s, nil
 		}
 		r.free <- s
+		if heldSince.IsZero() {
+			heldSince = time.Now()
+		} else if r.claimPatience > 0 && time.Since(heldSince) >= r.claimPatience {
+			return nil, r.claimFailed(heldSince, nil)
+		}
 		if failures%r.geo.SlotCount == 0 {
 			if err := sleepCtx(ctx, backoff); err != nil {
-				return nil, err
+				return nil, r.claimFailed(heldSince, err)
 			}
 			backoff = min(2*backoff, claimBackoffMax)
 		}
 	}
+}
+
+// claimFailed explains a claim that ended with ctxErr (nil: out of patience).
+func (r *Ring) claimFailed(heldSince time.Time, ctxErr error) error {
+	if heldSince.IsZero() {
+		return ctxErr
+	}
+	err := fmt.Errorf("%w: ring %s, %d slots, waited %v", ErrNoFreeSlot, r.name, r.geo.SlotCount,
+		time.Since(heldSince).Round(time.Millisecond))
+	if ctxErr != nil {
+		return fmt.Errorf("%w: %w", err, ctxErr)
+	}
+	return err
 }
 
 // publish is steps 1-4 of section 8 after the claim. It fails only before
@@ -159,8 +191,10 @@ func (r *Ring) claim(ctx context.Context) (*slot, error) {
 func (r *Ring) publish(s *slot, typ protocol.MsgType, body []byte) (request, error) {
 	req := request{slot: s, seq: s.reqSeq.Load() + 1, id: r.nextReqID.Add(1), lastFrame: s.frameSeq.Load()}
 	// Tokens left by earlier requests of this slot would only cause spurious
-	// wake-ups, but unbounded they would overflow the semaphore.
-	if _, err := s.sem.Drain(); err != nil {
+	// wake-ups, but unbounded they would overflow the semaphore. The bound
+	// keeps a count someone pushed to SEM_VALUE_MAX from holding this call
+	// for seconds (what is left costs wake-ups that re-check the deadline).
+	if _, err := s.sem.Drain(maxDrain); err != nil {
 		return req, err
 	}
 	copy(s.mem[SlotDataOffset:], body)
