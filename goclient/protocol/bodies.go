@@ -120,6 +120,16 @@ func CheckRequestLength(typ MsgType, length int) error {
 			return newError(CodeBadLength, "%v body of %d bytes is shorter than its 4-byte max_new_tokens", typ, length)
 		}
 		return nil
+	case TypeInfer:
+		if length < tensorListHeaderBytes {
+			return newError(CodeBadLength, "INFER body of %d bytes: a TensorList header needs %d", length, tensorListHeaderBytes)
+		}
+		return nil
+	case TypeMetadata:
+		if length != 0 {
+			return newError(CodeBadLength, "METADATA takes an empty body, got %d bytes", length)
+		}
+		return nil
 	}
 	return newError(CodeUnknownType, "type 0x%02x is not a request type", uint8(typ))
 }

@@ -5,7 +5,7 @@ import (
 	"fmt"
 )
 
-// Code is an error code from section 4. Codes above CodeCorruptRecord are
+// Code is an error code from section 4. Codes above CodeBadInput are
 // reserved; a client receives them as errors all the same.
 type Code uint16
 
@@ -22,6 +22,10 @@ const (
 	CodeCancelled     Code = 10
 	CodeShuttingDown  Code = 11
 	CodeCorruptRecord Code = 12
+	CodeBadTensor     Code = 13
+	CodeBadDType      Code = 14
+	CodeBadShape      Code = 15
+	CodeBadInput      Code = 16
 )
 
 var codeNames = map[Code]string{
@@ -37,6 +41,10 @@ var codeNames = map[Code]string{
 	CodeCancelled:     "CANCELLED",
 	CodeShuttingDown:  "SHUTTING_DOWN",
 	CodeCorruptRecord: "CORRUPT_RECORD",
+	CodeBadTensor:     "BAD_TENSOR",
+	CodeBadDType:      "BAD_DTYPE",
+	CodeBadShape:      "BAD_SHAPE",
+	CodeBadInput:      "BAD_INPUT",
 }
 
 // String returns the spec's name for c, or CODE_<n> for a reserved code.
@@ -86,6 +94,10 @@ var (
 	ErrCancelled     = &Error{Code: CodeCancelled}
 	ErrShuttingDown  = &Error{Code: CodeShuttingDown}
 	ErrCorruptRecord = &Error{Code: CodeCorruptRecord}
+	ErrBadTensor     = &Error{Code: CodeBadTensor}
+	ErrBadDType      = &Error{Code: CodeBadDType}
+	ErrBadShape      = &Error{Code: CodeBadShape}
+	ErrBadInput      = &Error{Code: CodeBadInput}
 )
 
 // IsCode reports whether err is, or wraps, a protocol error with code.

@@ -3,6 +3,7 @@ package protocol
 import (
 	"bytes"
 	"errors"
+	"slices"
 	"testing"
 )
 
@@ -73,6 +74,51 @@ func FuzzDecodeBodies(f *testing.F) {
 		}
 		if decoded, err := DecodeErrorBody(body); err == nil && uint16(decoded.Code) != uint16(body[0])|uint16(body[1])<<8 {
 			t.Fatalf("error code %d from %x", decoded.Code, body[:2])
+		}
+	})
+}
+
+// FuzzDecodeTensorList feeds the decoder untrusted bodies: it must fail
+// with a typed error or decode tensors that re-encode to a body of the same
+// length which decodes to the same tensors (padding is ignored when read,
+// so the bytes may differ only there), and binding them must not panic.
+func FuzzDecodeTensorList(f *testing.F) {
+	var vectors tensorVectors
+	loadVectors(f, "tensors.json", &vectors)
+	for _, c := range vectors.Cases {
+		f.Add(mustHex(f, c.BodyHex))
+	}
+	signature, err := DecodeMetadata(vectors.Signature)
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Fuzz(func(t *testing.T, body []byte) {
+		tensors, err := DecodeTensorList(body)
+		if err != nil {
+			if !errors.Is(err, ErrBadLength) && !errors.Is(err, ErrBadTensor) && !errors.Is(err, ErrBadDType) {
+				t.Fatalf("untyped TensorList error: %v", err)
+			}
+			return
+		}
+		encoded, err := AppendTensorList(nil, tensors)
+		if err != nil || len(encoded) != len(body) {
+			t.Fatalf("decoded list re-encodes to %d bytes (%v), read %d", len(encoded), err, len(body))
+		}
+		again, err := DecodeTensorList(encoded)
+		if err != nil || len(again) != len(tensors) {
+			t.Fatalf("re-encoded list decodes to %d tensors, %v", len(again), err)
+		}
+		for i := range again {
+			a, b := again[i], tensors[i]
+			if a.Name != b.Name || a.DType != b.DType || !slices.Equal(a.Shape, b.Shape) || !bytes.Equal(a.Data, b.Data) {
+				t.Fatalf("tensor %d: %v then %v", i, b, a)
+			}
+		}
+		if _, err := signature.Bind(tensors); err != nil {
+			var protocolErr *Error
+			if !errors.As(err, &protocolErr) {
+				t.Fatalf("untyped Bind error: %v", err)
+			}
 		}
 	})
 }

@@ -107,8 +107,8 @@ func TestCheckRequestPrompt(t *testing.T) {
 func TestTypeClasses(t *testing.T) {
 	for typ := range 256 {
 		m := MsgType(typ)
-		wantRequest := m <= TypePromptStream
-		wantReply := m <= TypePrompt || m == TypeStreamChunk || m == TypeStreamEnd || m == TypeError
+		wantRequest := m <= TypePromptStream || m == TypeInfer || m == TypeMetadata
+		wantReply := m <= TypePrompt || m == TypeStreamChunk || m == TypeStreamEnd || m == TypeInfer || m == TypeMetadata || m == TypeError
 		if m.IsRequest() != wantRequest || m.IsReply() != wantReply {
 			t.Errorf("%v: IsRequest %v IsReply %v", m, m.IsRequest(), m.IsReply())
 		}

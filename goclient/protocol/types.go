@@ -17,6 +17,8 @@ const (
 	TypePromptStream   MsgType = 0x05
 	TypeStreamChunk    MsgType = 0x06
 	TypeStreamEnd      MsgType = 0x07
+	TypeInfer          MsgType = 0x08
+	TypeMetadata       MsgType = 0x09
 	TypeError          MsgType = 0xFF
 )
 
@@ -29,6 +31,8 @@ var typeNames = map[MsgType]string{
 	TypePromptStream:   "PROMPT_STREAM",
 	TypeStreamChunk:    "STREAM_CHUNK",
 	TypeStreamEnd:      "STREAM_END",
+	TypeInfer:          "INFER",
+	TypeMetadata:       "METADATA",
 	TypeError:          "ERROR",
 }
 
@@ -41,12 +45,14 @@ func (t MsgType) String() string {
 
 // IsRequest reports whether a client may send t; the server answers any other
 // type with UNKNOWN_TYPE.
-func (t MsgType) IsRequest() bool { return t <= TypePromptStream }
+func (t MsgType) IsRequest() bool {
+	return t <= TypePromptStream || t == TypeInfer || t == TypeMetadata
+}
 
 // IsReply reports whether a server may send t. PROMPT_STREAM is the only
 // request type that never comes back: its replies are chunks and an end.
 func (t MsgType) IsReply() bool {
-	return t <= TypePrompt || t == TypeStreamChunk || t == TypeStreamEnd || t == TypeError
+	return t <= TypePrompt || (t >= TypeStreamChunk && t <= TypeMetadata) || t == TypeError
 }
 
 // Limits from section 2.

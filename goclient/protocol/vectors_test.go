@@ -7,6 +7,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 )
 
@@ -167,5 +168,90 @@ func checkReplyVector(t *testing.T, typ MsgType, body []byte, index int, probabi
 		}
 	default:
 		t.Fatalf("no decoder for reply type %v", typ)
+	}
+}
+
+type tensorVectors struct {
+	Signature  json.RawMessage  `json:"signature"`
+	DTypeCodes map[string]uint8 `json:"dtype_codes"`
+	Cases      []struct {
+		Name    string `json:"name"`
+		BodyHex string `json:"body_hex"`
+		Reply   bool   `json:"reply"`
+		Error   string `json:"error"`
+		OK      []struct {
+			Name     string `json:"name"`
+			DataType string `json:"datatype"`
+			Shape    []int  `json:"shape"`
+			DataHex  string `json:"data_hex"`
+		} `json:"ok"`
+	} `json:"cases"`
+}
+
+// TestTensorVectors decodes every case of tensors.json. A request case is
+// also bound to the file's signature, as the server would (section 3.1,
+// errors 1-6), so the expected tensors come in signature order under the
+// inputs' names; a reply case is compared as decoded. Every decoded list
+// re-encodes to the same bytes: the layout is canonical.
+func TestTensorVectors(t *testing.T) {
+	var vectors tensorVectors
+	loadVectors(t, "tensors.json", &vectors)
+	for name, code := range vectors.DTypeCodes {
+		if d := DType(code); d.String() != name || d.Size() == 0 {
+			t.Errorf("dtype %s: code %d is %v here", name, code, d)
+		}
+	}
+	if len(vectors.DTypeCodes) != int(DTypeFP64) {
+		t.Errorf("%d dtypes in the vectors, %d here", len(vectors.DTypeCodes), DTypeFP64)
+	}
+	signature, err := DecodeMetadata(vectors.Signature)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range vectors.Cases {
+		t.Run(c.Name, func(t *testing.T) {
+			body := mustHex(t, c.BodyHex)
+			if err := CheckRequest(TypeInfer, body); err != nil && !c.Reply {
+				checkVectorError(t, err, c.Error)
+				return
+			}
+			tensors, err := DecodeTensorList(body)
+			if err == nil && !c.Reply {
+				tensors, err = signature.Bind(tensors)
+			}
+			if c.Error != "" {
+				checkVectorError(t, err, c.Error)
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(tensors) != len(c.OK) {
+				t.Fatalf("%d tensors, want %d", len(tensors), len(c.OK))
+			}
+			for i, want := range c.OK {
+				got := tensors[i]
+				name := got.Name
+				if !c.Reply {
+					name = signature.Inputs[i].Name
+				}
+				if name != want.Name || got.DType.String() != want.DataType || !slices.Equal(got.Shape, want.Shape) ||
+					!bytes.Equal(got.Data, mustHex(t, want.DataHex)) {
+					t.Errorf("tensor %d = %s %v%v %x, want %+v", i, name, got.DType, got.Shape, got.Data, want)
+				}
+			}
+			decoded, _ := DecodeTensorList(body)
+			if encoded, err := AppendTensorList(nil, decoded); err != nil || !bytes.Equal(encoded, body) {
+				t.Fatalf("AppendTensorList = %x, %v; want %x", encoded, err, body)
+			}
+		})
+	}
+}
+
+func checkVectorError(t *testing.T, err error, want string) {
+	t.Helper()
+	var protocolErr *Error
+	if !errors.As(err, &protocolErr) || protocolErr.Code.String() != want {
+		t.Fatalf("err = %v, want %s", err, want)
 	}
 }
