@@ -140,7 +140,7 @@ class App:
 
     def _submit(self, msg_type: int, body: bytes) -> HttpRequest:
         exchange = _exchange.get()
-        if self.dispatcher.model.answers_later:  # it may run long: notice a client leaving
+        if self.dispatcher.model.serves_prompts:  # generation runs long: notice a client leaving
             exchange.watch()
         request = HttpRequest(asyncio.get_running_loop(), msg_type, body, exchange)
         self.dispatcher.dispatch([request])
