@@ -83,13 +83,17 @@ uv: $(UV_STAMP)
 # --locked, not --frozen: a pyproject.toml edited without `make lock` fails
 # here with uv's "lockfile needs to be updated" instead of installing something
 # other than what the lock says.
-$(VENV_ALL): pyproject.toml uv.lock $(UV_STAMP)
+# The native module is built by the package's backend during the sync, so its source is a
+# prerequisite too (uv rebuilds it through pyproject.toml's cache-keys).
+NATIVE_SOURCES := setup.py shmserve/_ring.c
+
+$(VENV_ALL): pyproject.toml uv.lock $(NATIVE_SOURCES) $(UV_STAMP)
 	$(UV) sync --locked --all-extras --all-groups || { echo "hint: if uv.lock is stale, run 'make lock' and commit it" >&2; exit 1; }
 	touch $@
 
 # --inexact: keep whatever a full `make venv` already installed, so switching
 # between the two targets never uninstalls TensorFlow/JAX only to reinstall it.
-$(VENV_SERVE): pyproject.toml uv.lock $(UV_STAMP)
+$(VENV_SERVE): pyproject.toml uv.lock $(NATIVE_SOURCES) $(UV_STAMP)
 	$(UV) sync --locked --inexact --extra serve --extra http || { echo "hint: if uv.lock is stale, run 'make lock' and commit it" >&2; exit 1; }
 	touch $@
 

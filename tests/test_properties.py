@@ -33,6 +33,7 @@ from shmserve.protocol import (IMAGE_BYTES, LABELS, MAX_BATCH_IMAGES, REQUEST_TY
                                decode_error, decode_packet, decode_prompt, encode_error,
                                encode_packet, encode_prompt)
 from shmserve.transports.shm import ShmTransport
+from shmserve.transports.peers import peer_of
 from shmserve.transports.stream import Connection, StreamTransport
 
 _FUZZ_EXAMPLES = int(os.environ.get("SHMSERVE_FUZZ_EXAMPLES", "0"))
@@ -287,6 +288,10 @@ owners = st.one_of(st.sampled_from([0, os.getpid(), 1, DEAD_PID, 0x7FFFFFFF, 0x8
 class RingHarness:
     """A real ShmTransport whose loop body is called step by step on this thread."""
     SLOT = 0
+    # A pass writes at most one frame per slot (a flush stops at the first frame that needs an
+    # ack), so reading the frame after each pass sees every one; a step runs passes until one
+    # writes nothing, as the ring thread would in the same wake-up.
+    MAX_PASSES = 8
 
     def __init__(self):
         # 128-byte frames: every error message fits one frame (the oracle below counts on
@@ -297,14 +302,9 @@ class RingHarness:
         t._thread_id = threading.get_ident()  # replies are written inline, as on the ring thread
         self.mm = t.objects.mm
         self.base = g.slot_offset(self.SLOT)
-        self.published = []
-        publish = t._publish  # every frame, echo answered in place included, goes through it
 
-        def recording_publish(*args):
-            publish(*args)
-            self.published.append(self.read_frame())
-
-        t._publish = recording_publish
+    def frame_seq(self):
+        return struct.unpack_from("<I", self.mm, self.base + L.S_FRAME_SEQ)[0]
 
     def read_frame(self):
         seq, req_seq, req_id, length, ftype, flags = struct.unpack_from(
@@ -316,26 +316,31 @@ class RingHarness:
     def reset(self):
         t = self.transport
         self.mm[self.base:self.base + self.geometry.slot_stride] = bytes(self.geometry.slot_stride)
-        t._served[:] = 0
-        for queue in t._queued:
-            queue.clear()
-        t._awaiting_ack.clear()
-        t._open_requests.clear()
+        for slot in t._slots:
+            slot.reset()
+            t._ring.reclaim(slot.index)  # served = the zeroed req_seq
         t._outbox.clear()
 
+    def served(self):
+        return self.transport._ring.served(self.SLOT)
+
     def step(self):
-        """One pass of ShmTransport._run's work, minus the waiting."""
-        t = self.transport
-        self.published = []
-        t._drain_outbox()
-        t._serve_ready_slots()
-        t._check_acks_and_cancels()
-        t._reclaim_dead_clients()
-        return self.published
+        """One wake-up of ShmTransport._run, minus the waiting."""
+        published = []
+        for _ in range(self.MAX_PASSES):
+            before = self.frame_seq()
+            self.transport.serve_once(0, 0)
+            if self.frame_seq() == before:
+                break
+            published.append(self.read_frame())
+            assert published[-1][0] == (before + 1) & 0xFFFFFFFF, "two frames in one pass"
+        else:
+            raise AssertionError(f"still writing frames after {self.MAX_PASSES} passes")
+        self.transport.reclaim_dead_clients()
+        return published
 
     def close(self):
-        self.transport._release_views()
-        self.transport.objects.close()
+        self.transport.close()
 
 
 _harness: RingHarness | None = None
@@ -487,7 +492,7 @@ def test_ring_server_answers_hostile_records_exactly_and_writes_nowhere_else(ste
         assert not stray, f"server wrote outside its fields at offsets {stray[:8]}"
         owner_after = struct.unpack_from("<I", mm, base + L.S_OWNER)[0]
         assert owner_after == (0 if owner_dead else record["owner"])
-        assert int(h.transport._served[h.SLOT]) == served
+        assert h.served() == served
 
 
 # -- the socket server's read path, in-process ------------------------------------------------
@@ -546,7 +551,7 @@ def test_socket_connection_answers_every_whole_packet_then_closes(stream):
                                 packet_timeout=5.0, max_body=max_body)
     server_end, client_end = socket.socketpair()
     try:
-        connection = Connection(server_end, transport)
+        connection = Connection(server_end, transport, peer_of(server_end))
         worker = threading.Thread(target=connection.serve, daemon=True)
         worker.start()
         client_end.settimeout(10)

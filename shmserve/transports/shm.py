@@ -1,8 +1,11 @@
 """Shared-memory ring transport: the server side of spec/PROTOCOL.md sections 6-11.
 
 One thread owns the ring: it is the only writer of every server field, so no server-side
-locks are needed. Models that answer from their own threads (Gemma) hand frames to that
-thread through ``_outbox`` and wake it with the request semaphore.
+locks are needed. The per-message work (waiting for the doorbell with the GIL released,
+scanning the slots, answering ECHO, publishing frames) is the native module
+``shmserve._ring``; this module keeps dispatch, flow control, cancellation, reclaim and
+lifecycle. Models that answer from their own threads (Gemma) hand frames to the ring thread
+through ``_outbox`` and wake it with ``Ring.notify``.
 """
 from __future__ import annotations
 
@@ -13,7 +16,6 @@ import glob
 import logging
 import mmap
 import os
-import platform
 import re
 import secrets
 import stat
@@ -25,6 +27,7 @@ from threading import get_ident
 import numpy as np
 import posix_ipc
 
+from .. import _ring
 from .. import layout as L
 from .. import trust
 from ..dispatch import Request
@@ -32,15 +35,12 @@ from ..protocol import ErrorCode, MsgType, encode_error
 
 log = logging.getLogger("shmserve.shm")
 
-# frame_req_seq, frame_req_id, frame_len, frame_type, frame_flags: one pack_into, then the
-# frame_seq publish store on its own.
-_FRAME_FIELDS = struct.Struct("<IQIBB")
-assert L.S_FRAME_REQ_SEQ + 4 == L.S_FRAME_REQ_ID and L.S_FRAME_FLAGS == L.S_FRAME_REQ_SEQ + 17
-_REQUEST_FIELDS = struct.Struct("<QIB")  # req_id, req_len, req_type
-assert L.S_REQ_ID + 8 == L.S_REQ_LEN and L.S_REQ_LEN + 4 == L.S_REQ_TYPE
+# The native module has its own copy of the offsets it uses; refuse to serve with one built
+# from another layout than this package's.
+if any(getattr(L, key) != value for key, value in _ring.LAYOUT.items()):
+    raise ImportError("shmserve/_ring.c and shmserve/layout.py disagree on the ring layout")
 
 LOCK_RETRY_S = 0.2
-_U32 = 0xFFFFFFFF
 # Payload types that are already flat bytes; anything else (numpy arrays) is cast once.
 _FLAT_BUFFERS = (bytes, bytearray, memoryview)
 _TEXT_TYPES = frozenset({MsgType.CLASSIFY, MsgType.PROMPT, MsgType.STREAM_CHUNK,
@@ -73,9 +73,6 @@ class RingObjects:
 
     def __init__(self, name: str, geometry: L.Geometry, group_access: bool = False,
                  shm_dir: str = "/dev/shm"):
-        if platform.machine() not in ("x86_64", "AMD64"):
-            raise RuntimeError("the ring's memory ordering is defined for x86-64 only "
-                               f"(spec section 10); this CPU is {platform.machine()}: use uds")
         self.name = L.check_name(name)
         self.geometry = geometry
         self.mode = 0o660 if group_access else 0o600
@@ -200,6 +197,7 @@ class RingObjects:
                          L.HEADER_FLAG_GROUP_ACCESS if self.mode == 0o660 else 0)
         self.set_state(L.ServerState.STARTING)
         self.heartbeat()
+        _ring.fence()  # Python stores have no order of their own (section 10)
         mm[L.H_MAGIC:L.H_MAGIC + 8] = L.MAGIC  # last: attachers never see a half header
 
     def _make_sem(self, sem_name: str) -> posix_ipc.Semaphore:
@@ -216,6 +214,7 @@ class RingObjects:
         return sem
 
     def set_state(self, state: L.ServerState) -> None:
+        _ring.fence()  # a release store: what came before (the header, replies) is seen first
         self.words32[L.H_SERVER_STATE >> 2] = state
 
     def heartbeat(self) -> None:
@@ -272,6 +271,42 @@ class RingRequest(Request):
         self.transport.send(self, msg_type, payload, final)
 
 
+class _Slot:
+    """What the ring thread holds for one slot beyond what the native ring tracks (the
+    req_seq served): the request whose reply is unfinished and its frames waiting for acks.
+    ``reset`` is the one way back to idle, whatever ended the request."""
+
+    __slots__ = ("index", "ring", "request", "frames", "awaiting_ack", "_flags")
+
+    def __init__(self, index: int, ring: _ring.Ring):
+        self.index = index
+        self.ring = ring
+        self.request: RingRequest | None = None
+        self.frames: collections.deque = collections.deque()  # (msg_type, bytes, final)
+        self.awaiting_ack = False
+        self._flags = 0
+
+    def sync(self) -> None:
+        """Tells the native ring which events this slot needs checked; also keeps it from
+        answering an echo here in place while this state would still have to be dropped."""
+        flags = ((_ring.WATCH_OPEN if self.request is not None else 0) |
+                 (_ring.WATCH_ACK if self.awaiting_ack else 0))
+        if flags != self._flags:
+            self._flags = flags
+            self.ring.watch(self.index, flags)
+
+    def reset(self) -> RingRequest | None:
+        """Drops the slot's state; returns the request it ended, marked cancelled so a worker
+        still producing for it can stop and its late frames are dropped."""
+        request, self.request = self.request, None
+        if request is not None:
+            request.cancel_flag = True
+        self.frames.clear()
+        self.awaiting_ack = False
+        self.sync()
+        return request
+
+
 class ShmTransport:
     """Serves one ring on its own thread until ``stop``."""
 
@@ -284,29 +319,15 @@ class ShmTransport:
         self.objects = RingObjects(ring_name, geometry, group_access)
         self.geometry = g = geometry
         self.spin_ns = int(spin_us * 1000)
-        self.max_batch = max_batch
+        self.max_batch = max(1, max_batch)
         self.batch_wait_ns = int(batch_wait_us * 1000)
         self.stop_grace_s = stop_grace_s
         mm = self.objects.mm
+        self._ring = _ring.Ring(mm, g.slot_count, g.req_capacity, g.resp_capacity,
+                                L.request_sem_name(ring_name),
+                                [L.slot_sem_name(ring_name, i) for i in range(g.slot_count)])
         self._mv = memoryview(mm)
-        self._u32 = self.objects.words32
-        self._u64 = self.objects.words64
-        self._doorbell_index = L.H_DOORBELL // 8
-        self._slot_sems = self.objects.slot_sems
-        stride = g.slot_stride
-
-        def column(offset):
-            return np.ndarray((g.slot_count,), np.uint32, buffer=mm,
-                              offset=L.HEADER_SIZE + offset, strides=(stride,))
-
-        self._req_seq = column(L.S_REQ_SEQ)
-        self._owner = column(L.S_OWNER)
-        self._served = np.zeros(g.slot_count, np.uint32)
-        self._slot_base = [g.slot_offset(i) for i in range(g.slot_count)]
-        # Per-slot reply state, touched only by the ring thread.
-        self._queued = [collections.deque() for _ in range(g.slot_count)]
-        self._awaiting_ack: set[int] = set()  # slots whose last frame was not FINAL
-        self._open_requests: dict[int, RingRequest] = {}  # slot -> request answered later
+        self._slots = [_Slot(i, self._ring) for i in range(g.slot_count)]
         self._outbox: collections.deque = collections.deque()  # frames from other threads
         self._thread_id = None
         self._stopping = False
@@ -326,91 +347,75 @@ class ShmTransport:
 
     def stop(self) -> None:
         self._stop.set()
-        _wake(self.objects.request_sem)
+        self._ring.notify()
         self._thread.join()
         self.objects.set_state(L.ServerState.STOPPED)
-        self._release_views()
-        self.objects.close()
+        self.close()
 
-    def _release_views(self) -> None:
-        self._req_seq = self._owner = None
-        self._u32 = self._u64 = None  # the objects' views, released by objects.close
+    def close(self) -> None:
+        """Releases this transport's hold on the mapping, then the ring's objects."""
+        self._ring.close()
         self._mv.release()
+        self.objects.close()
 
     # -- loop --------------------------------------------------------------------------------
     def _run(self) -> None:
         self._thread_id = threading.get_ident()
-        bell = self._u64[self._doorbell_index]
         next_housekeeping = 0.0
+        block_ns = int(L.HEARTBEAT_INTERVAL_S * 1e9)
         try:
             while True:
                 if self._stop.is_set() and not self._stopping:
                     self._begin_stop()
-                if self._stopping and (not self._open_requests or
+                if self._stopping and (not self._busy() or
                                        time.monotonic() > self._stop_deadline):
                     self._finish_stop()
                     return
-                new_bell = self._u64[self._doorbell_index]
-                if new_bell != bell or self._outbox:
-                    bell = new_bell
-                    self._drain_outbox()
-                    self._serve_ready_slots()
-                    self._check_acks_and_cancels()
-                elif not self._wait(bell):
-                    # A quiet spell: rescan anyway, so a lost or forged doorbell update can
-                    # delay a request by one interval at most, never strand it.
-                    self._serve_ready_slots()
-                    self._check_acks_and_cancels()
-                    next_housekeeping = 0.0
+                self.serve_once(self.spin_ns, block_ns)
                 now = time.monotonic()
                 if now >= next_housekeeping:
                     self.objects.heartbeat()
-                    self._reclaim_dead_clients()
+                    self.reclaim_dead_clients()
                     next_housekeeping = now + L.HEARTBEAT_INTERVAL_S
         except Exception:
             log.exception("ring loop crashed")
             raise
 
-    def _wait(self, bell: int) -> bool:
-        """Spin, then block on the request semaphore; False when the timed wait expired."""
-        u64, index, outbox = self._u64, self._doorbell_index, self._outbox
-        if self.spin_ns:
-            deadline = time.monotonic_ns() + self.spin_ns
-            polls = 0
-            while u64[index] == bell and not outbox:
-                polls += 1
-                if not polls & 31:
-                    if time.monotonic_ns() > deadline:
-                        break
-                    # Yield so a client spinning on the same core can run (notes, pitfall 1).
-                    os.sched_yield()
-            else:
-                return True
-        # Tokens without doorbell changes (stray posts, or a count someone set to
-        # SEM_VALUE_MAX) would keep every wait from expiring: bound the whole phase too, so
-        # the heartbeat and the reclaim of dead clients never stop.
-        give_up = time.monotonic() + L.HEARTBEAT_INTERVAL_S
-        while u64[index] == bell and not outbox and not self._stop.is_set():
-            try:
-                self.objects.request_sem.acquire(L.HEARTBEAT_INTERVAL_S)
-            except posix_ipc.BusyError:
-                return False
-            except posix_ipc.SignalError:
-                # sem_timedwait returns EINTR after SIGSTOP/SIGCONT even without a handler;
-                # a token only means "look again", so look again.
-                continue
-            if time.monotonic() > give_up:
-                return False
-        return True
+    def serve_once(self, spin_ns: int, block_ns: int) -> None:
+        """One wake-up: wait (at most spin_ns + block_ns) for the doorbell, then everything it
+        brought. A wait that expires still scans, so a lost or forged doorbell update delays a
+        request by one interval at most, never strands it."""
+        requests, events = self._ring.poll(spin_ns, block_ns, self.max_batch)
+        if self._outbox:
+            self._drain_outbox()
+        if events:
+            self._handle_events(events)
+        if requests:
+            self._serve(self._requests(requests))
 
-    def _serve_ready_slots(self) -> None:
-        # (a != b).nonzero() is ~2x cheaper than np.flatnonzero on 64 slots (notes).
-        ready = (self._req_seq != self._served).nonzero()[0]
-        if not len(ready):
-            return
-        requests = self._read_requests(ready[:self.max_batch])
+    def _busy(self) -> bool:
+        return any(slot.request is not None for slot in self._slots)
+
+    def _requests(self, ready) -> list:
+        requests = []
+        capacity = self.geometry.req_capacity
+        for slot, seq, req_id, msg_type, length, owner in ready:
+            state = self._slots[slot]
+            if state.request is not None or state.frames or state.awaiting_ack:
+                state.reset()  # a new request supersedes what the client never finished
+            problem = L.check_request_record(owner, length, capacity)
+            if problem:
+                RingRequest(self, slot, seq, req_id, msg_type, b"").fail(
+                    ErrorCode.CORRUPT_RECORD, problem)
+                continue
+            offset = self.geometry.request_data_offset(slot)
+            requests.append(RingRequest(self, slot, seq, req_id, msg_type,
+                                        self._mv[offset:offset + length]))
+        return requests
+
+    def _serve(self, requests: list) -> None:
         if self.batch_wait_ns and len(requests) < self.max_batch:
-            requests += self._wait_for_more(self.max_batch - len(requests))
+            self._gather(requests)
         if self._stopping:
             for request in requests:
                 request.fail(ErrorCode.SHUTTING_DOWN, "server is stopping")
@@ -420,67 +425,36 @@ class ShmTransport:
         # runs in its model call, stay open until their final frame.
         for request in requests:
             if not request.done:
-                self._open_requests[request.slot] = request
+                slot = self._slots[request.slot]
+                slot.request = request
+                slot.sync()
 
-    def _wait_for_more(self, room: int) -> list:
+    def _gather(self, requests: list) -> None:
         """Dynamic batching: give other clients up to batch_wait to join this model call."""
         deadline = time.monotonic_ns() + self.batch_wait_ns
-        gathered = []
-        bell = self._u64[self._doorbell_index]
-        while room > 0 and time.monotonic_ns() < deadline:
-            if self._u64[self._doorbell_index] == bell:
-                continue
-            bell = self._u64[self._doorbell_index]
-            ready = (self._req_seq != self._served).nonzero()[0]
-            more = self._read_requests(ready[:room])
-            gathered += more
-            room -= len(more)
-        return gathered
-
-    def _read_requests(self, slots) -> list:
-        requests = []
-        u32, mm, capacity = self._u32, self.objects.mm, self.geometry.req_capacity
-        reply_capacity = self.geometry.resp_capacity
-        for slot in slots.tolist():
-            base = self._slot_base[slot]
-            seq = u32[(base + L.S_REQ_SEQ) >> 2]
-            # Read each field once, then validate: a hostile writer may change them later.
-            req_id, length, msg_type = _REQUEST_FIELDS.unpack_from(mm, base + L.S_REQ_ID)
-            self._served[slot] = seq
-            if self._queued[slot]:  # a new request supersedes what the client never acked
-                self._queued[slot].clear()
-            self._awaiting_ack.discard(slot)
-            problem = L.check_request_record(u32[(base + L.S_OWNER) >> 2], length, capacity)
-            if problem:
-                RingRequest(self, slot, seq, req_id, msg_type, b"").fail(
-                    ErrorCode.CORRUPT_RECORD, problem)
-                continue
-            offset = base + L.S_DATA
-            if msg_type == MsgType.ECHO and length <= reply_capacity and not self._stopping:
-                # Echo needs no model and no Request object: answering it here halves the
-                # server's per-message cost, which is what bounds ring throughput.
-                self._publish(slot, seq, req_id, MsgType.ECHO, self._mv[offset:offset + length],
-                              True)
-                continue
-            requests.append(RingRequest(self, slot, seq, req_id, msg_type,
-                                        self._mv[offset:offset + length]))
-        return requests
+        while len(requests) < self.max_batch:
+            left = deadline - time.monotonic_ns()
+            if left <= 0:
+                return
+            more, events = self._ring.poll(left, 0, self.max_batch - len(requests))
+            if events:
+                self._handle_events(events)
+            requests += self._requests(more)
 
     # -- replies -----------------------------------------------------------------------------
     def send(self, request: RingRequest, msg_type: int, payload, final: bool) -> None:
         if get_ident() != self._thread_id:
             self._outbox.append((request, msg_type, payload, final))
-            if self.objects.request_sem.value == 0:
-                _wake(self.objects.request_sem)
+            self._ring.notify()
             return
         self._enqueue_frames(request, msg_type, payload, final)
 
     def _enqueue_frames(self, request: RingRequest, msg_type: int, payload, final: bool) -> None:
         data = payload if type(payload) in _FLAT_BUFFERS else memoryview(payload).cast("B")
         capacity = self.geometry.resp_capacity
-        queue = self._queued[request.slot]
-        if len(data) <= capacity and not queue and request.slot not in self._awaiting_ack:
-            self._write_frame(request, msg_type, data, final)
+        slot = self._slots[request.slot]
+        if len(data) <= capacity and not slot.frames and not slot.awaiting_ack:
+            self._write_frame(slot, request, msg_type, data, final)
             return
         # Longer than one frame: consecutive frames of the same type, FINAL on the last.
         # Text frames end on a code point boundary (section 3: a chunk never splits one).
@@ -491,72 +465,56 @@ class ShmTransport:
             if text and end < len(data):
                 while end > start + 1 and data[end] & 0xC0 == 0x80:  # a continuation byte
                     end -= 1
-            queue.append((request, msg_type, bytes(data[start:end]), final and end >= len(data)))
+            slot.frames.append((msg_type, bytes(data[start:end]), final and end >= len(data)))
             start = end
             if start >= len(data):
                 break
-        self._flush_queue(request.slot)
+        slot.request = request  # its reply is unfinished until the queue has gone out
+        self._flush(slot)
 
-    def _flush_queue(self, slot: int) -> None:
-        queue = self._queued[slot]
-        while queue and slot not in self._awaiting_ack:
-            self._write_frame(*queue.popleft())
+    def _flush(self, slot: _Slot) -> None:
+        while slot.frames and not slot.awaiting_ack:
+            self._write_frame(slot, slot.request, *slot.frames.popleft())
 
-    def _write_frame(self, request: RingRequest, msg_type: int, data, final: bool) -> None:
-        self._publish(request.slot, request.seq, request.req_id, msg_type, data, final)
-
-    def _publish(self, slot: int, seq: int, req_id: int, msg_type: int, data, final: bool) -> None:
-        """Section 9 steps 1-3: data and fields, then the frame_seq store, then the post."""
-        base = self._slot_base[slot]
-        offset = base + L.S_DATA + self.geometry.req_capacity
-        n = len(data)
-        self._mv[offset:offset + n] = data
-        _FRAME_FIELDS.pack_into(self.objects.mm, base + L.S_FRAME_REQ_SEQ, seq, req_id, n,
-                                msg_type, L.FRAME_FLAG_FINAL if final else 0)
-        index = (base + L.S_FRAME_SEQ) >> 2
-        self._u32[index] = (self._u32[index] + 1) & _U32  # publish, after data and fields
-        if not final:
-            self._awaiting_ack.add(slot)
-        elif self._open_requests:
-            self._open_requests.pop(slot, None)
-        _wake(self._slot_sems[slot])
+    def _write_frame(self, slot: _Slot, request: RingRequest, msg_type: int, data,
+                     final: bool) -> None:
+        self._ring.publish(slot.index, request.seq, request.req_id, msg_type, data, final)
+        if final:
+            if slot.request is not None:
+                slot.request = None
+                slot.sync()
+        else:
+            slot.request = request
+            slot.awaiting_ack = True
+            slot.sync()
 
     def _drain_outbox(self) -> None:
         while self._outbox:
             request, msg_type, payload, final = self._outbox.popleft()
-            # A reclaimed or cancelled slot may already serve someone else: drop, never misroute.
-            if request.cancel_flag or self._served[request.slot] != request.seq:
+            # A reclaimed, cancelled or superseded request's slot may already serve someone
+            # else: drop, never misroute.
+            if request.cancel_flag or self._ring.served(request.slot) != request.seq:
                 continue
             self._enqueue_frames(request, msg_type, payload, final)
 
-    def _check_acks_and_cancels(self) -> None:
-        if not self._awaiting_ack and not self._open_requests:
-            return
-        u32 = self._u32
-        for slot in self._awaiting_ack | self._open_requests.keys():
-            base = self._slot_base[slot]
-            if u32[(base + L.S_CANCEL_SEQ) >> 2] == self._served[slot]:
+    def _handle_events(self, events) -> None:
+        for index, kind in events:
+            slot = self._slots[index]
+            if kind == _ring.EVENT_CANCEL:
                 self._cancel(slot)
-            elif slot in self._awaiting_ack and u32[(base + L.S_ACK_SEQ) >> 2] == \
-                    u32[(base + L.S_FRAME_SEQ) >> 2]:
-                self._awaiting_ack.discard(slot)
-                self._flush_queue(slot)
+            else:
+                slot.awaiting_ack = False
+                slot.sync()
+                self._flush(slot)
 
-    def _cancel(self, slot: int) -> None:
-        request = self._open_requests.pop(slot, None)
-        if request is None:  # a long synchronous reply still being sent frame by frame
-            request = self._queued[slot][0][0] if self._queued[slot] else None
-        self._queued[slot].clear()
-        self._awaiting_ack.discard(slot)
-        if request is None:
-            return
-        request.cancel_flag = True
-        self._write_frame(request, MsgType.ERROR, encode_error(ErrorCode.CANCELLED,
-                                                               "cancelled by the client"), True)
+    def _cancel(self, slot: _Slot) -> None:
+        request = slot.reset()
+        if request is not None:
+            self._write_frame(slot, request, MsgType.ERROR,
+                              encode_error(ErrorCode.CANCELLED, "cancelled by the client"), True)
 
-    def _reclaim_dead_clients(self) -> None:
-        for slot in np.flatnonzero(self._owner).tolist():
-            pid = int(self._owner[slot])
+    def reclaim_dead_clients(self) -> None:
+        for index, pid in self._ring.owners():
             # An owner word beyond pid_t (a hostile or torn write) names no process, and
             # os.kill would raise OverflowError and end the ring loop.
             if pid <= _PID_MAX:
@@ -567,29 +525,25 @@ class ShmTransport:
                     pass
                 except PermissionError:  # alive, another user's
                     continue
-            request = self._open_requests.pop(slot, None)
-            if request is not None:
-                request.cancel_flag = True
-            self._queued[slot].clear()
-            self._awaiting_ack.discard(slot)
-            self._served[slot] = self._req_seq[slot]
-            self._u32[(self._slot_base[slot] + L.S_OWNER) >> 2] = 0
-            log.warning("reclaimed slot %d from dead client pid %d", slot, pid)
+            self._slots[index].reset()
+            self._ring.reclaim(index)
+            log.warning("reclaimed slot %d from dead client pid %d", index, pid)
 
     # -- stop --------------------------------------------------------------------------------
     def _begin_stop(self) -> None:
         self._stopping = True
+        self._ring.echo_inline = False  # every new request is answered SHUTTING_DOWN
         self._stop_deadline = time.monotonic() + self.stop_grace_s
         self.objects.set_state(L.ServerState.STOPPING)
 
     def _finish_stop(self) -> None:
         self._drain_outbox()
-        for slot, request in list(self._open_requests.items()):
-            self._queued[slot].clear()
-            self._awaiting_ack.discard(slot)
-            request.cancel_flag = True  # a worker still generating for it can stop
-            self._write_frame(request, MsgType.ERROR,
-                              encode_error(ErrorCode.SHUTTING_DOWN, "server is stopping"), True)
+        for slot in self._slots:
+            request = slot.reset()
+            if request is not None:
+                self._write_frame(slot, request, MsgType.ERROR,
+                                  encode_error(ErrorCode.SHUTTING_DOWN, "server is stopping"),
+                                  True)
 
 
 def build(dispatcher, args):
