@@ -32,9 +32,6 @@ BUILTIN = {
     "echo": "shmserve.models.echo:EchoModel",
     "cifar": "shmserve.models.cifar:build",
     "gemma": "shmserve.models.gemma:build",
-    "keras": "shmserve.adapters.keras:build",
-    "litert": "shmserve.adapters.litert:build",
-    "jax": "shmserve.adapters.jax:build",
 }
 
 
