@@ -15,7 +15,7 @@ import (
 // pollsPerYield is how many polls of a publish word a spinner makes between
 // runtime.Gosched calls. Without yielding, a spinning goroutine at
 // GOMAXPROCS=1 starves the goroutines it waits with, and two spinners sharing
-// a core collapse to the spin budget (ring-measurements.md, pitfalls 1-2).
+// a core collapse to the spin budget (both seen on 2-vCPU machines).
 // It also paces the clock reads: time.Now costs ~65 ns, one poll ~1 ns.
 const pollsPerYield = 256
 
