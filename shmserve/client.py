@@ -9,7 +9,6 @@ from __future__ import annotations
 import mmap
 import os
 import socket
-import struct
 import threading
 import time
 
@@ -18,8 +17,6 @@ import posix_ipc
 from . import layout as L
 from .protocol import (PACKET_HEADER, PACKET_LENGTH, ErrorCode, MsgType, decode_error,
                        encode_prompt)
-
-_FRAME = struct.Struct("<IIQIBB")  # frame_seq .. frame_flags
 
 
 class ServerError(Exception):
@@ -108,22 +105,20 @@ class RingClient:
             seq = (self._u32(base + L.S_REQ_SEQ) + 1) & 0xFFFFFFFF
             data = self.geometry.request_data_offset(slot)
             self.mm[data:data + len(body)] = body
-            struct.pack_into("<QIB", self.mm, base + L.S_REQ_ID, req_id, len(body), msg_type)
+            L.write_request_fields(self.mm, base, req_id, len(body), msg_type)
             self._put_u32(base + L.S_REQ_SEQ, seq)
             self._ring()
             while True:
                 seen = self._wait_frame(slot, base, seen, deadline)
-                _, frame_req_seq, frame_req_id, length, ftype, flags = _FRAME.unpack_from(
-                    self.mm, base + L.S_FRAME_SEQ)
-                L.check_frame(frame_req_seq, frame_req_id, length, ftype, seq, req_id,
-                              self.geometry.resp_capacity)
+                frame = L.read_frame(self.mm, base)
+                L.check_frame(frame, seq, req_id, self.geometry.resp_capacity)
                 reply = self.geometry.reply_data_offset(slot)
-                payload = bytes(self.mm[reply:reply + length])
-                if flags & L.FRAME_FLAG_FINAL:
-                    _raise_if_error(ftype, payload)
-                    yield ftype, payload
+                payload = bytes(self.mm[reply:reply + frame.length])
+                if frame.final:
+                    _raise_if_error(frame.msg_type, payload)
+                    yield frame.msg_type, payload
                     return
-                yield ftype, payload
+                yield frame.msg_type, payload
                 self._put_u32(base + L.S_ACK_SEQ, seen)
                 self._ring()
         finally:

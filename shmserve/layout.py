@@ -41,9 +41,11 @@ Slot (slot_stride bytes, 64-byte aligned)::
 from __future__ import annotations
 
 import dataclasses
-import os
 import enum
+import os
 import re
+import struct
+import typing
 
 MAGIC = b"SHMSRING"
 VERSION_MAJOR = 1
@@ -210,7 +212,59 @@ def parse_header(buf, mapping_size: int) -> tuple[Geometry, int]:
 
 
 # Frame types a server may publish (spec section 3: every reply type).
-REPLY_TYPES = frozenset({0x00, 0x01, 0x02, 0x03, 0x04, 0x06, 0x07, 0xFF})
+REPLY_TYPES = frozenset({0x00, 0x01, 0x02, 0x03, 0x04, 0x06, 0x07, 0x08, 0x09, 0xFF})
+_STREAM_CHUNK, _STREAM_END = 0x06, 0x07
+
+# The slot's two cache lines as records: the client line from S_OWNER, the server line from
+# S_FRAME_SEQ. Read them once with these, then validate the copy (never re-read the slot).
+REQUEST_LINE = struct.Struct("<IIQIB")  # owner, req_seq, req_id, req_len, req_type
+FRAME_LINE = struct.Struct("<IIQIBB")  # frame_seq, frame_req_seq, frame_req_id, frame_len,
+                                       # frame_type, frame_flags
+_REQUEST_FIELDS = struct.Struct("<QIB")  # req_id, req_len, req_type
+
+
+class RequestRecord(typing.NamedTuple):
+    owner: int
+    seq: int
+    req_id: int
+    length: int
+    msg_type: int
+
+
+class Frame(typing.NamedTuple):
+    seq: int
+    req_seq: int
+    req_id: int
+    length: int
+    msg_type: int
+    flags: int
+
+    @property
+    def final(self) -> bool:
+        return bool(self.flags & FRAME_FLAG_FINAL)
+
+
+def read_request(buf, slot_offset: int) -> RequestRecord:
+    return RequestRecord(*REQUEST_LINE.unpack_from(buf, slot_offset + S_OWNER))
+
+
+def read_frame(buf, slot_offset: int) -> Frame:
+    return Frame(*FRAME_LINE.unpack_from(buf, slot_offset + S_FRAME_SEQ))
+
+
+def write_request_fields(buf, slot_offset: int, req_id: int, length: int, msg_type: int) -> None:
+    """req_id, req_len, req_type: what a client writes before it publishes ``req_seq``."""
+    _REQUEST_FIELDS.pack_into(buf, slot_offset + S_REQ_ID, req_id, length, msg_type)
+
+
+def write_header(buf, geometry: Geometry, generation: int, server_pid: int,
+                 flags: int) -> None:
+    """The static cache line of a new ring, all but ``magic`` (Create writes it last)."""
+    struct.pack_into("<HHIIIII", buf, H_VERSION_MAJOR, VERSION_MAJOR, VERSION_MINOR,
+                     HEADER_SIZE, geometry.slot_count, geometry.slot_stride,
+                     geometry.req_capacity, geometry.resp_capacity)
+    struct.pack_into("<QQII", buf, H_TOTAL_SIZE, geometry.total_size, generation, server_pid,
+                     flags)
 
 
 class FrameError(Exception):
@@ -221,17 +275,22 @@ class FrameError(Exception):
         self.name = name
 
 
-def check_frame(frame_req_seq: int, frame_req_id: int, frame_len: int, frame_type: int,
-                req_seq: int, req_id: int, resp_capacity: int) -> None:
-    """Section 9: what a client checks before it reads a frame's data."""
-    if (frame_req_seq, frame_req_id) != (req_seq, req_id):
-        raise FrameError("MISROUTED", f"frame answers request ({frame_req_seq}, "
-                         f"{frame_req_id:#x}), not ({req_seq}, {req_id:#x})")
-    if frame_len > resp_capacity:
-        raise FrameError("CORRUPT_RECORD", f"frame_len {frame_len} exceeds resp_capacity "
+def check_frame(frame: Frame, req_seq: int, req_id: int, resp_capacity: int) -> None:
+    """Section 9: what a client checks before it reads a frame's data, in the spec's order."""
+    if (frame.req_seq, frame.req_id) != (req_seq, req_id):
+        raise FrameError("MISROUTED", f"frame answers request ({frame.req_seq}, "
+                         f"{frame.req_id:#x}), not ({req_seq}, {req_id:#x})")
+    if frame.length > resp_capacity:
+        raise FrameError("CORRUPT_RECORD", f"frame_len {frame.length} exceeds resp_capacity "
                          f"{resp_capacity}")
-    if frame_type not in REPLY_TYPES:
-        raise FrameError("CORRUPT_RECORD", f"frame type 0x{frame_type:02x} is not a reply type")
+    if frame.msg_type not in REPLY_TYPES:
+        raise FrameError("CORRUPT_RECORD", f"frame type 0x{frame.msg_type:02x} is not a reply "
+                         f"type")
+    if frame.msg_type == _STREAM_CHUNK and frame.final:
+        raise FrameError("CORRUPT_RECORD", "a STREAM_CHUNK frame is never FINAL: STREAM_END "
+                         "ends a stream")
+    if frame.msg_type == _STREAM_END and not frame.final:
+        raise FrameError("CORRUPT_RECORD", "a STREAM_END frame is always FINAL")
 
 
 def check_request_record(owner: int, req_len: int, req_capacity: int) -> str | None:

@@ -58,16 +58,18 @@ def test_group_access_widens_to_0660(start_server):
 
 
 CLAIM_AND_HANG = r"""
-import mmap, os, struct, sys, time
+import mmap, os, sys, time
 import posix_ipc
-name, offset, seq_offset, bell, req_len = sys.argv[1], *map(int, sys.argv[2:6])
-shm = posix_ipc.SharedMemory("/shmserve." + name)
+from shmserve import layout as L
+name, slot_offset, req_len = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+shm = posix_ipc.SharedMemory(L.shm_name(name))
 mm = mmap.mmap(shm.fd, os.fstat(shm.fd).st_size)
-struct.pack_into("<I", mm, offset, os.getpid())            # owner
-struct.pack_into("<QIB", mm, offset + 8, 77, req_len, 0)   # req_id, req_len, ECHO
-struct.pack_into("<I", mm, offset + 4, struct.unpack_from("<I", mm, offset + 4)[0] + 1)
-struct.pack_into("<Q", mm, bell, struct.unpack_from("<Q", mm, bell)[0] + 1)
-posix_ipc.Semaphore("/shmserve." + name + ".req").release()
+words32, words64 = memoryview(mm).cast("I"), memoryview(mm).cast("Q")
+words32[(slot_offset + L.S_OWNER) // 4] = os.getpid()
+L.write_request_fields(mm, slot_offset, 77, req_len, 0)  # ECHO
+words32[(slot_offset + L.S_REQ_SEQ) // 4] += 1
+words64[L.H_DOORBELL // 8] += 1
+posix_ipc.Semaphore(L.request_sem_name(name)).release()
 print("claimed", flush=True)
 time.sleep(60)                                             # never acks: a hung, then dead client
 """
@@ -79,7 +81,7 @@ def test_dead_client_slot_is_reclaimed(start_server):
     geometry = L.Geometry(2, L.DEFAULT_REQ_CAPACITY, 64)
     slot = geometry.slot_offset(1)
     hung = subprocess.Popen([sys.executable, "-c", CLAIM_AND_HANG, server.name, str(slot),
-                             "0", str(L.H_DOORBELL), "1000"], stdout=subprocess.PIPE, text=True)
+                             "1000"], stdout=subprocess.PIPE, text=True)
     assert hung.stdout.readline().strip() == "claimed"
     shm = posix_ipc.SharedMemory(L.shm_name(server.name))
     mm = mmap.mmap(shm.fd, geometry.total_size)

@@ -166,9 +166,9 @@ geometries = st.builds(L.Geometry, st.integers(L.MIN_SLOTS, L.MAX_SLOTS),
 def header_bytes(g: L.Geometry, generation: int, total: int | None = None) -> bytearray:
     buf = bytearray(L.HEADER_SIZE)
     buf[0:8] = L.MAGIC
-    struct.pack_into("<HHIIIIIQQ", buf, 8, L.VERSION_MAJOR, L.VERSION_MINOR, L.HEADER_SIZE,
-                     g.slot_count, g.slot_stride, g.req_capacity, g.resp_capacity,
-                     g.total_size if total is None else total, generation)
+    L.write_header(buf, g, generation, 0, 0)
+    if total is not None:
+        struct.pack_into("<Q", buf, L.H_TOTAL_SIZE, total)
     return buf
 
 
@@ -215,21 +215,26 @@ def test_parse_header_is_total_on_junk(data, mapping_size):
 
 
 @examples(400)
-@given(u32, u64, u32, u8, u32, u64, st.integers(64, 1 << 20), st.booleans())
+@given(u32, u64, u32, u8, u8, u32, u64, st.integers(64, 1 << 20), st.booleans())
 def test_check_frame_refuses_every_misrouted_or_oversized_frame(f_seq, f_id, f_len, f_type,
-                                                                seq, req_id, capacity, same):
+                                                                f_flags, seq, req_id, capacity,
+                                                                same):
     if same:
         f_seq, f_id = seq, req_id
+    frame = L.Frame(0, f_seq, f_id, f_len, f_type, f_flags)
+    stream_flag_wrong = (f_type == MsgType.STREAM_CHUNK and frame.final) or \
+        (f_type == MsgType.STREAM_END and not frame.final)
     try:
-        L.check_frame(f_seq, f_id, f_len, f_type, seq, req_id, capacity)
+        L.check_frame(frame, seq, req_id, capacity)
     except L.FrameError as exc:
         if (f_seq, f_id) != (seq, req_id):
             assert exc.name == "MISROUTED"
         else:
             assert exc.name == "CORRUPT_RECORD"
-            assert f_len > capacity or f_type not in L.REPLY_TYPES
+            assert f_len > capacity or f_type not in L.REPLY_TYPES or stream_flag_wrong
         return
     assert (f_seq, f_id) == (seq, req_id) and f_len <= capacity and f_type in L.REPLY_TYPES
+    assert not stream_flag_wrong
 
 
 @examples(300)
@@ -307,11 +312,10 @@ class RingHarness:
         return struct.unpack_from("<I", self.mm, self.base + L.S_FRAME_SEQ)[0]
 
     def read_frame(self):
-        seq, req_seq, req_id, length, ftype, flags = struct.unpack_from(
-            "<IIQIBB", self.mm, self.base + L.S_FRAME_SEQ)
+        frame = L.read_frame(self.mm, self.base)
         data_at = self.geometry.reply_data_offset(self.SLOT)
-        return (seq, req_seq, req_id, ftype, flags,
-                bytes(self.mm[data_at:data_at + min(length, self.geometry.resp_capacity)]), length)
+        return frame, bytes(self.mm[data_at:data_at + min(frame.length,
+                                                           self.geometry.resp_capacity)])
 
     def reset(self):
         t = self.transport
@@ -333,7 +337,7 @@ class RingHarness:
             if self.frame_seq() == before:
                 break
             published.append(self.read_frame())
-            assert published[-1][0] == (before + 1) & 0xFFFFFFFF, "two frames in one pass"
+            assert published[-1][0].seq == (before + 1) & 0xFFFFFFFF, "two frames in one pass"
         else:
             raise AssertionError(f"still writing frames after {self.MAX_PASSES} passes")
         self.transport.reclaim_dead_clients()
@@ -477,12 +481,12 @@ def test_ring_server_answers_hostile_records_exactly_and_writes_nowhere_else(ste
 
         assert len(frames) == len(expected), (frames, expected)
         for i, (frame, (e_type, e_payload, e_final)) in enumerate(zip(frames, expected)):
-            f_seq, f_req_seq, f_req_id, f_type, f_flags, f_data, f_len = frame
-            assert f_seq == (frame_seq + i + 1) & 0xFFFFFFFF
-            L.check_frame(f_req_seq, f_req_id, f_len, f_type, *current, g.resp_capacity)
-            assert (f_type, f_flags) == (e_type, L.FRAME_FLAG_FINAL if e_final else 0)
+            frame, f_data = frame
+            assert frame.seq == (frame_seq + i + 1) & 0xFFFFFFFF
+            L.check_frame(frame, *current, g.resp_capacity)
+            assert (frame.msg_type, frame.flags) == (e_type, L.FRAME_FLAG_FINAL if e_final else 0)
             if e_type == MsgType.ERROR:
-                assert f_len <= g.resp_capacity, "an error message outgrew one frame"
+                assert frame.length <= g.resp_capacity, "an error message outgrew one frame"
                 assert decode_error(f_data)[0] == e_payload
             else:
                 assert f_data == e_payload

@@ -74,30 +74,30 @@ def test_ring_record(case):
             assert f"{generation:016x}" == case["generation"]
             assert struct.unpack_from("<I", data, L.H_SERVER_STATE)[0] == case["server_state"]
     elif case["kind"] == "frame":
-        _, req_seq, req_id, length, ftype, flags = struct.unpack_from("<IIQIBB", data)
-        check = lambda: L.check_frame(req_seq, req_id, length, ftype, case["req_seq"],
-                                      int(case["req_id"], 16), case["resp_capacity"])
+        frame = L.Frame._make(L.FRAME_LINE.unpack_from(data))
+        check = lambda: L.check_frame(frame, case["req_seq"], int(case["req_id"], 16),
+                                      case["resp_capacity"])
         if "error" in case:
             with pytest.raises(L.FrameError) as info:
                 check()
             assert info.value.name == case["error"]
         else:
             check()
-            assert (bool(flags & L.FRAME_FLAG_FINAL), ftype, length) == \
+            assert (frame.final, frame.msg_type, frame.length) == \
                 (case["final"], case["frame_type"], case["frame_len"])
     else:
-        owner, _, req_id, length, rtype = struct.unpack_from("<IIQIB", data)
-        problem = L.check_request_record(owner, length, case["req_capacity"])
+        record = L.RequestRecord._make(L.REQUEST_LINE.unpack_from(data))
+        problem = L.check_request_record(record.owner, record.length, case["req_capacity"])
         if problem:
             assert case["error"] == "CORRUPT_RECORD", problem
             return
         if "error" in case:
             with pytest.raises(ProtocolError) as info:
-                check_request(rtype, length)
+                check_request(record.msg_type, record.length)
             assert info.value.code.name == case["error"]
         else:
-            assert check_request(rtype, length) == case["req_type"]
-            assert (length, req_id) == (case["req_len"], case["req_id"])
+            assert check_request(record.msg_type, record.length) == case["req_type"]
+            assert (record.length, record.req_id) == (case["req_len"], case["req_id"])
 
 
 def test_layout_offsets_match_spec_table():

@@ -19,7 +19,6 @@ import os
 import re
 import secrets
 import stat
-import struct
 import threading
 import time
 from threading import get_ident
@@ -189,16 +188,12 @@ class RingObjects:
         self.words64 = memoryview(self.mm).cast("Q")
         self.request_sem = self._make_sem(L.request_sem_name(self.name))
         self.slot_sems = [self._make_sem(L.slot_sem_name(self.name, i)) for i in range(g.slot_count)]
-        mm = self.mm
-        struct.pack_into("<HHIIIII", mm, L.H_VERSION_MAJOR, L.VERSION_MAJOR, L.VERSION_MINOR,
-                         L.HEADER_SIZE, g.slot_count, g.slot_stride, g.req_capacity,
-                         g.resp_capacity)
-        struct.pack_into("<QQII", mm, L.H_TOTAL_SIZE, g.total_size, self.generation, os.getpid(),
-                         L.HEADER_FLAG_GROUP_ACCESS if self.mode == 0o660 else 0)
+        L.write_header(self.mm, g, self.generation, os.getpid(),
+                       L.HEADER_FLAG_GROUP_ACCESS if self.mode == 0o660 else 0)
         self.set_state(L.ServerState.STARTING)
         self.heartbeat()
         _ring.fence()  # Python stores have no order of their own (section 10)
-        mm[L.H_MAGIC:L.H_MAGIC + 8] = L.MAGIC  # last: attachers never see a half header
+        self.mm[L.H_MAGIC:L.H_MAGIC + 8] = L.MAGIC  # last: attachers never see a half header
 
     def _make_sem(self, sem_name: str) -> posix_ipc.Semaphore:
         sem = posix_ipc.Semaphore(sem_name, posix_ipc.O_CREX, mode=self.mode, initial_value=0)
