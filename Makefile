@@ -133,7 +133,7 @@ $(SHMCLIENT): $(GO_SOURCES)
 # beside it (never copied into the repo); otherwise the demo classifies what DEMO_IMAGES names.
 CIFAR_TARBALL ?= $(firstword $(wildcard ../shared/data/cifar10-train-jpg.tar.gz shared/data/cifar10-train-jpg.tar.gz))
 DEMO_NAME ?= demo
-DEMO_SOCKET := /tmp/shmserve.$(DEMO_NAME).sock
+DEMO_SOCKET := /tmp/shmserve-$(shell id -u)/$(DEMO_NAME).sock
 
 .PHONY: demo
 demo: $(VENV_SERVE) $(SHMCLIENT)
@@ -144,9 +144,9 @@ demo: $(VENV_SERVE) $(SHMCLIENT)
 			echo train/$$c/0001.jpg train/$$c/0002.jpg; done | xargs tar xzf $(CIFAR_TARBALL) -C "$$work"; \
 	fi; \
 	images="$${DEMO_IMAGES:-$$work/train}"; \
-	echo "== starting the sidecar: shmserve serve --model cifar --transport shm,uds --name $(DEMO_NAME)"; \
+	echo "== starting the sidecar: shmserve serve --model cifar --transport shm,unix --name $(DEMO_NAME)"; \
 	mkfifo "$$work/ready"; \
-	$(VENV)/bin/shmserve serve --model cifar --transport shm,uds --name $(DEMO_NAME) \
+	$(VENV)/bin/shmserve serve --model cifar --transport shm,unix --name $(DEMO_NAME) \
 		--socket $(DEMO_SOCKET) >"$$work/ready" & server=$$!; \
 	read -t 60 ready <"$$work/ready" || { echo "sidecar did not report ready" >&2; exit 1; }; \
 	echo "$$ready"; \

@@ -10,6 +10,7 @@ import sys
 import threading
 
 from . import layout as L
+from .ready import ready_line
 
 log = logging.getLogger("shmserve")
 
@@ -45,8 +46,9 @@ def _add_serve(sub) -> None:
                    "factory; every model also answers ECHO and METADATA")
     p.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
                    help="keyword argument for the model's factory (a string); repeatable")
-    p.add_argument("--transport", default="shm,uds",
-                   help=f"comma-separated transports from: {','.join(transports.NAMES)}")
+    p.add_argument("--transport", default="shm,unix",
+                   help=f"comma-separated transports from: {','.join(transports.NAMES)} "
+                   "(uds is accepted for unix)")
     p.add_argument("--name", default="default", type=_ring_name,
                    help="ring name: /dev/shm/shmserve.NAME and its semaphores; 1-64 of "
                    "[A-Za-z0-9_-]")
@@ -54,7 +56,8 @@ def _add_serve(sub) -> None:
                    f"{L.default_socket_path('NAME')}, in a directory made 0700 for this user); "
                    "every directory above it must be root's or ours and not writable by others "
                    "unless sticky")
-    p.add_argument("--port", type=int, default=8080, help="HTTP port (on --http-host)")
+    p.add_argument("--http-port", "--port", dest="port", type=int, default=8080,
+                   help="HTTP port (on --http-host); --port is its older spelling")
     p.add_argument("--http-host", default="127.0.0.1")
     p.add_argument("--tcp-port", type=int, default=9090, help="TCP packet port (on --tcp-host)")
     p.add_argument("--tcp-host", default="127.0.0.1")
@@ -64,9 +67,9 @@ def _add_serve(sub) -> None:
                    "serves whoever can connect, every local user included")
     p.add_argument("--group-access", action="store_true",
                    help="create the ring, semaphores and socket 0660 instead of 0600")
-    limits = p.add_argument_group("connection limits (uds, tcp, http)")
+    limits = p.add_argument_group("connection limits (unix, tcp, http)")
     limits.add_argument("--packet-timeout", type=float, default=10.0,
-                        help="uds/tcp: seconds a client may take to finish a packet it started, "
+                        help="unix/tcp: seconds a client may take to finish a packet it started, "
                         "or to take its reply")
     limits.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT_S,
                         help="seconds a connection may stay open with no request in progress")
@@ -76,7 +79,7 @@ def _add_serve(sub) -> None:
                         help="connections open at once per peer (a local user, or a remote "
                         "address), per transport")
     limits.add_argument("--buffer-budget", type=_size, default=DEFAULT_BUFFER_BUDGET,
-                        help="uds/tcp: bytes of requests over 64 KiB held at once (until their "
+                        help="unix/tcp: bytes of requests over 64 KiB held at once (until their "
                         "reply is sent), across connections; a request waits up to "
                         "--packet-timeout for room, then gets TOO_LARGE")
     limits.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT_S,
@@ -134,7 +137,12 @@ def _serve(args) -> int:
     from . import models, transports
     from .dispatch import Dispatcher
     args.socket = args.socket or L.default_socket_path(args.name)
-    names = [t.strip() for t in args.transport.split(",") if t.strip()]
+    try:
+        names = list(dict.fromkeys(transports.canonical(t.strip())
+                                   for t in args.transport.split(",") if t.strip()))
+    except ValueError as exc:
+        print(f"shmserve: error: --transport: {exc}", file=sys.stderr)
+        return 2
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -156,12 +164,10 @@ def _serve(args) -> int:
         model.warmup()
         if stop.is_set():  # stopped while loading or compiling: never announce ready
             return 0
-        ready = {"event": "ready", "pid": os.getpid(), "model": model.describe(),
-                 "transports": names}
         for transport in started:
             transport.set_ready()
-            ready.update(transport.describe())
-        print(json.dumps(ready), flush=True)
+        print(ready_line(os.getpid(), model.describe(),
+                         {name: t.describe() for name, t in zip(names, started)}), flush=True)
         # A timed wait: a signal that lands on another thread only sets the flag, and an
         # untimed Event.wait in the main thread would then never look at it again.
         while not stop.wait(0.5):

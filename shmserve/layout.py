@@ -143,6 +143,22 @@ def lock_path(name: str, shm_dir: str = "/dev/shm") -> str:
     return f"{shm_dir}/shmserve.{name}.lock"
 
 
+def semaphore_files(name: str, shm_dir: str = "/dev/shm") -> list[str]:
+    """The files of ring NAME's semaphores that exist now: exactly this ring's names, never
+    another ring's whose name merely starts the same."""
+    prefix = f"sem.shmserve.{name}."
+    own = re.compile(re.escape(prefix) + r"(req|s(0|[1-9][0-9]*))")
+    return sorted(os.path.join(shm_dir, entry) for entry in os.listdir(shm_dir)
+                  if entry.startswith(prefix) and own.fullmatch(entry))
+
+
+def ring_files(name: str, shm_dir: str = "/dev/shm") -> list[str]:
+    """Every file of ring NAME that exists now: shared memory, lock, semaphores."""
+    fixed = [os.path.join(shm_dir, shm_name(name)[1:]), lock_path(name, shm_dir)]
+    return sorted([path for path in fixed if os.path.lexists(path)] +
+                  semaphore_files(name, shm_dir))
+
+
 def align64(n: int) -> int:
     return (n + CACHE_LINE - 1) // CACHE_LINE * CACHE_LINE
 

@@ -1,63 +1,34 @@
 """Fixtures that start a real ``shmserve serve`` process and always clean up after it."""
 from __future__ import annotations
 
-import glob
-import json
 import os
-import secrets
-import select
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
+
+from shmserve import layout as L
+from shmserve.launch import ServerProcess
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def ring_objects(name: str) -> list[str]:
-    return sorted(glob.glob(f"/dev/shm/shmserve.{name}*") + glob.glob(f"/dev/shm/sem.shmserve.{name}.*"))
+    return L.ring_files(name)
 
 
-class Server:
-    def __init__(self, *args: str, ready_timeout: float = 120.0, env=None):
-        self.name = f"t{os.getpid()}-{secrets.token_hex(3)}"
-        self.socket = f"/tmp/shmserve-test-{self.name}.sock"
-        self.argv = [sys.executable, "-m", "shmserve.cli", "serve", "--name", self.name,
-                     "--socket", self.socket, *args]
-        self.proc = subprocess.Popen(self.argv, cwd=REPO, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, **(env or {})})
-        self.ready = self._wait_ready(ready_timeout)
+class Server(ServerProcess):
+    """A test server: a ring name of its own, its socket under the system temp dir, stderr
+    readable as ``server.stderr`` once it is running or after it stopped."""
 
-    def _wait_ready(self, timeout: float) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            readable, _, _ = select.select([self.proc.stdout], [], [], 0.1)
-            if readable:
-                line = self.proc.stdout.readline()
-                if line:
-                    return json.loads(line)
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}: {self.proc.stderr.read()}")
-        self.kill()
-        raise TimeoutError("server did not report ready")
+    def __init__(self, *args: str, ready_timeout: float = 120.0, env=None,
+                 command_prefix: tuple[str, ...] = ()):
+        super().__init__(*args, ready_timeout=ready_timeout, env=env, cwd=REPO,
+                         name_prefix="t", command_prefix=command_prefix)
 
-    def stop(self, sig=signal.SIGTERM, timeout: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self.proc.stdout.close()
-            self.stderr = self.proc.stderr.read()
-            self.proc.stderr.close()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+    @property
+    def stderr(self) -> str:
+        return self.stderr_text()
 
 
 def remove_leftovers(name: str) -> None:
@@ -81,15 +52,12 @@ def start_server():
 def stop_all(servers) -> None:
     """Kill each server and remove whatever it left, whether or not its test passed."""
     for server in servers:
-        server.kill()
-        remove_leftovers(server.name)
-        if os.path.exists(server.socket):
-            os.unlink(server.socket)
+        server.cleanup()
 
 
 @pytest.fixture(scope="module")
 def echo_server():
-    server = Server("--model", "echo", "--transport", "shm,uds,tcp", "--tcp-port", "0",
+    server = Server("--model", "echo", "--transport", "shm,unix,tcp", "--tcp-port", "0",
                     "--slot-reply-bytes", "4096", "--slots", "16")
     yield server
     stop_all([server])

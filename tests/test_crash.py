@@ -83,7 +83,7 @@ def test_server_sigkill_under_load_fails_every_call_fast_then_a_restart_serves(
     assert time.monotonic() - started < 3
 
     again = start_server("--model", "echo", "--transport", "shm", "--name", server.name)
-    assert again.ready["generation"] != server.ready["generation"]
+    assert again.ready["shm"]["generation"] != server.ready["shm"]["generation"]
     rc, out, err = finish(echo_load(shmclient, server.name, 16, 20_000), 60)
     assert rc == 0 and "20000 replies over shm" in out and " 0 mismatched" in out, (out, err)
 

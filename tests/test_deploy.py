@@ -107,9 +107,9 @@ def probe(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_probe_tells_ready_from_killed_from_missing(start_server):
-    server = start_server("--model", "echo", "--transport", "shm,uds", "--slots", "2")
+    server = start_server("--model", "echo", "--transport", "shm,unix", "--slots", "2")
     ready = probe("--name", server.name, "--socket", server.socket)
-    assert ready.returncode == 0 and server.ready["generation"] in ready.stdout, ready.stderr
+    assert ready.returncode == 0 and server.ready["shm"]["generation"] in ready.stdout, ready.stderr
     server.stop(signal.SIGKILL)  # leaves a READY header behind: only the lock tells
     dead = probe("--name", server.name)
     assert dead.returncode == 1 and "server is gone" in dead.stderr, dead.stderr

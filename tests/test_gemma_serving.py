@@ -23,7 +23,7 @@ def gemma_server(tiny_gemma_dir, tmp_path_factory):
            "MODEL_TOKENIZER": os.path.join(tiny_gemma_dir, "tokenizer.model"),
            "XDG_CACHE_HOME": str(tmp_path_factory.mktemp("cache"))}
     server = Server("--model", "gemma", "--variant", "tiny", "--cache-length", "128",
-                    "--max-new-tokens", "64", "--transport", "shm,uds,http", "--port", "0",
+                    "--max-new-tokens", "64", "--transport", "shm,unix,http", "--port", "0",
                     ready_timeout=300, env=env)
     yield server
     stop_all([server])
@@ -42,8 +42,8 @@ def expected(ring):
 
 
 def http_post(server, body):
-    host, port = server.ready["http"].removeprefix("http://").split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    connection = http.client.HTTPConnection(server.ready["http"]["host"],
+                                            server.ready["http"]["port"], timeout=60)
     connection.request("POST", "/prompt", body=json.dumps(body))
     response = connection.getresponse()
     data = response.read()
@@ -52,7 +52,7 @@ def http_post(server, body):
 
 
 def test_ready_line_names_the_variant(gemma_server):
-    assert gemma_server.ready["model"]["variant"] == "tiny"
+    assert gemma_server.ready.model["variant"] == "tiny"
 
 
 def test_same_text_on_every_transport(gemma_server, expected):

@@ -14,8 +14,8 @@ def http_server():
 
 
 def post(server, path, body, method="POST"):
-    host, port = server.ready["http"].removeprefix("http://").split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    connection = http.client.HTTPConnection(server.ready["http"]["host"],
+                                            server.ready["http"]["port"], timeout=10)
     connection.request(method, path, body=body if isinstance(body, bytes) else json.dumps(body))
     response = connection.getresponse()
     data = response.read()

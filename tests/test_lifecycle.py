@@ -17,7 +17,7 @@ from shmserve.protocol import ErrorCode, MsgType
 
 
 def test_sigterm_removes_every_object(start_server):
-    server = start_server("--model", "echo", "--transport", "shm,uds")
+    server = start_server("--model", "echo", "--transport", "shm,unix")
     assert len(ring_objects(server.name)) == 2 + 1 + 64  # shm, lock, req sem, 64 slot sems
     assert server.stop() == 0
     assert ring_objects(server.name) == []
@@ -25,12 +25,12 @@ def test_sigterm_removes_every_object(start_server):
 
 
 def test_sigkill_then_restart_cleans_stale_objects_and_changes_generation(start_server):
-    first = start_server("--model", "echo", "--transport", "shm,uds")
+    first = start_server("--model", "echo", "--transport", "shm,unix")
     first.stop(signal.SIGKILL)
     assert ring_objects(first.name)  # a SIGKILLed server cannot clean up...
-    second = start_server("--model", "echo", "--transport", "shm,uds", "--name", first.name,
+    second = start_server("--model", "echo", "--transport", "shm,unix", "--name", first.name,
                           "--socket", first.socket)
-    assert second.ready["generation"] != first.ready["generation"]
+    assert second.ready["shm"]["generation"] != first.ready["shm"]["generation"]
     client = RingClient(first.name)
     assert client.echo(b"after restart") == b"after restart"
     client.close()
@@ -51,7 +51,7 @@ def test_second_server_with_the_same_name_is_refused(start_server):
 
 
 def test_group_access_widens_to_0660(start_server):
-    server = start_server("--model", "echo", "--transport", "shm,uds", "--group-access")
+    server = start_server("--model", "echo", "--transport", "shm,unix", "--group-access")
     for path in (f"/dev/shm/shmserve.{server.name}", f"/dev/shm/sem.shmserve.{server.name}.s3",
                  server.socket):
         assert os.stat(path).st_mode & 0o777 == 0o660

@@ -140,14 +140,9 @@ class ServerWithGroup(Server):
     """A server whose effective group is ``gid``: the group its objects are created with."""
 
     def __init__(self, gid: int, *args: str):
-        self.name = f"t{os.getpid()}-{secrets.token_hex(3)}"
-        self.socket = f"/tmp/shmserve-test-{self.name}.sock"
-        self.argv = ["setpriv", f"--regid={gid}", "--clear-groups", sys.executable, "-m",
-                     "shmserve.cli", "serve", "--name", self.name, "--socket", self.socket,
-                     "--model", "echo", "--transport", "shm,uds", "--slots", "4", *args]
-        self.proc = subprocess.Popen(self.argv, cwd=REPO, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
-        self.ready = self._wait_ready(60)
+        super().__init__("--model", "echo", "--transport", "shm,unix", "--slots", "4", *args,
+                         ready_timeout=60,
+                         command_prefix=("setpriv", f"--regid={gid}", "--clear-groups"))
 
 
 @pytest.fixture
@@ -184,7 +179,7 @@ def test_other_users_cannot_attach_or_remove_anything(accounts, group_server):
             {k: "EPERM" for k in results if k.startswith("unlink")}, (user, results)
     assert ring_objects(server.name) == before and os.path.exists(server.socket)
     client = RingClient(server.name)
-    assert client.generation == int(server.ready["generation"], 16)
+    assert client.generation == int(server.ready["shm"]["generation"], 16)
     assert client.echo(b"untouched") == b"untouched"
     client.close()
 

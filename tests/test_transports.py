@@ -1,8 +1,11 @@
 """Echo, errors and framing against a real server over the ring, the Unix socket and TCP."""
 import concurrent.futures
 import os
+import re
 import socket
 import struct
+import subprocess
+import sys
 import time
 
 import pytest
@@ -19,15 +22,45 @@ def ring(echo_server):
 
 
 def tcp_address(server):
-    host, port = server.ready["tcp"].rsplit(":", 1)
-    return host, int(port)
+    return server.ready["tcp"]["host"], server.ready["tcp"]["port"]
 
 
 def test_ready_line_describes_the_server(echo_server):
     ready = echo_server.ready
-    assert ready["event"] == "ready" and ready["model"]["model"] == "echo"
-    assert ready["transports"] == ["shm", "uds", "tcp"] and ready["socket"] == echo_server.socket
-    assert len(ready["generation"]) == 16
+    assert ready.pid == echo_server.pid and ready.model["model"] == "echo"
+    assert list(ready.transports) == ["shm", "unix", "tcp"]
+    assert ready.address("shm") == f"shm://{echo_server.name}"
+    assert ready.address("unix") == f"unix://{echo_server.socket}"
+    assert ready["unix"]["path"] == echo_server.socket
+    assert ready.address("tcp") == f"tcp://127.0.0.1:{ready['tcp']['port']}"
+    assert re.fullmatch(r"[0-9a-f]{16}", ready["shm"]["generation"])
+    assert ready["shm"]["slots"] == 16
+
+
+def test_ready_line_is_parsed_strictly():
+    from shmserve.ready import parse_ready, ready_line
+    line = ready_line(7, {"model": "echo"}, {"shm": {"address": "shm://x", "name": "x"}})
+    assert parse_ready(line).address("shm") == "shm://x"
+    for bad in ("not json", '{"event": "ready", "ready_version": 2, "pid": 1, "transports": {}}',
+                '{"event": "log", "ready_version": 1}',
+                '{"event": "ready", "ready_version": 1, "pid": 1, "transports": {"shm": {}}}'):
+        with pytest.raises(ValueError):
+            parse_ready(bad)
+
+
+def test_old_transport_spelling_uds_still_serves_the_unix_socket(start_server):
+    server = start_server("--model", "echo", "--transport", "uds")
+    assert list(server.ready.transports) == ["unix"]
+    client = PacketClient(server.socket)
+    assert client.call(MsgType.ECHO, b"alias") == (MsgType.ECHO, b"alias")
+    client.close()
+
+
+def test_unknown_transport_exits_2_naming_it():
+    done = subprocess.run([sys.executable, "-m", "shmserve.cli", "serve", "--model", "echo",
+                           "--transport", "shm,carrier-pigeon"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2 and "carrier-pigeon" in done.stderr, done.stderr
 
 
 def test_objects_are_owner_only(echo_server):
@@ -126,7 +159,7 @@ def test_many_socket_clients_concurrently(echo_server):
 
 
 def test_slow_loris_is_cut_off_and_others_are_served(start_server):
-    server = start_server("--model", "echo", "--transport", "uds", "--packet-timeout", "0.5")
+    server = start_server("--model", "echo", "--transport", "unix", "--packet-timeout", "0.5")
     loris = PacketClient(server.socket, timeout=5)
     loris.sock.sendall(b"\x00\x00\x00\x05\x00")  # a packet that never completes
     other = PacketClient(server.socket)

@@ -106,7 +106,7 @@ func postClassify(t *testing.T, baseURL string, body []byte) (int, httpClassific
 func TestCrossLanguageClassifyOverEveryTransport(t *testing.T) {
 	name := crosstest.UniqueName()
 	server := crosstest.Start(t, sidecar.Config{
-		Model: "cifar", Transport: "shm,uds,tcp,http", Name: name, MaxRestartsPerMinute: -1,
+		Model: "cifar", Transport: "shm,unix,tcp,http", Name: name, MaxRestartsPerMinute: -1,
 		Args: []string{"--socket", crosstest.SocketDir(t) + "/s.sock", "--port", "0", "--tcp-port", "0"},
 	})
 	ready := server.Ready()
@@ -117,7 +117,7 @@ func TestCrossLanguageClassifyOverEveryTransport(t *testing.T) {
 
 	// The first transport's answers are the reference for the others.
 	var want []protocol.Scores
-	for _, transport := range []string{"shm", "uds", "tcp"} {
+	for _, transport := range []string{"shm", "unix", "tcp"} {
 		addr := ready.Addr(transport)
 		client := dial(t, addr)
 		batch, err := client.ClassifyBatch(testCtx(t), images)
@@ -163,14 +163,14 @@ func TestCrossLanguageClassifyOverEveryTransport(t *testing.T) {
 		t.Logf("image %d: %s (p=%.3f, next %.3f)", i, scores.Label(), sorted[9], sorted[8])
 	}
 	for i, img := range images {
-		status, got := postClassify(t, ready.HTTP, img)
+		status, got := postClassify(t, ready.Addr("http"), img)
 		if status != http.StatusOK || got.Index != want[i].Index || got.Label != want[i].Label() ||
 			!sameProbabilities(got.Probabilities, want[i].Probabilities[:]) {
 			t.Errorf("POST /classify image %d: %d %+v, want %s %+v", i, status, got, want[i].Label(), want[i])
 		}
 	}
 	for _, size := range []int{0, protocol.ImageBytes - 1, protocol.ImageBytes + 1} {
-		status, got := postClassify(t, ready.HTTP, make([]byte, size))
+		status, got := postClassify(t, ready.Addr("http"), make([]byte, size))
 		if status != http.StatusBadRequest || got.Error == nil || got.Error.Code != int(protocol.CodeBadLength) || got.Error.Name != "BAD_LENGTH" {
 			t.Errorf("POST /classify of %d bytes: %d %+v, want 400 BAD_LENGTH", size, status, got.Error)
 		}

@@ -1,7 +1,7 @@
 package shmclient
 
 // Cross-language tests: this client against the real Python server, started
-// as `shmserve serve --model echo --transport shm,uds` under the sidecar
+// as `shmserve serve --model echo --transport shm,unix` under the sidecar
 // supervisor (see internal/crosstest for where the server comes from).
 
 import (
@@ -42,9 +42,9 @@ func startPython(t *testing.T, name, socket string, extraArgs ...string) pythonS
 func startServer(t *testing.T, model, name string, args ...string) pythonServer {
 	t.Helper()
 	s := pythonServer{crosstest.Start(t, sidecar.Config{
-		Model: model, Transport: "shm,uds", Name: name, Args: args, MaxRestartsPerMinute: -1,
+		Model: model, Transport: "shm,unix", Name: name, Args: args, MaxRestartsPerMinute: -1,
 	})}
-	if got := s.Ready().Name; got != name {
+	if got := s.Ready().Ring().Name; got != name {
 		t.Fatalf("server ready for ring %q, want %q", got, name)
 	}
 	return s

@@ -42,7 +42,7 @@ type Config struct {
 	// parent-death one included, from reaching the server.
 	Binary string
 	// Model, Transport and Name become --model, --transport and --name;
-	// empty ones are left to the server (cifar, shm,uds, default).
+	// empty ones are left to the server (cifar, shm,unix, default).
 	Model, Transport, Name string
 	// Args are further `shmserve serve` arguments, e.g. {"--socket",
 	// "/run/app/s.sock", "--slots", "16"}.
@@ -79,39 +79,67 @@ type Config struct {
 	MinBackoff, MaxBackoff time.Duration
 }
 
-// Ready is the server's ready line (one JSON object on its stdout).
+// Ready is the server's ready line (spec/PROTOCOL.md section 14): one JSON
+// object on its stdout once it serves. ParseReady is the only reader of it.
 type Ready struct {
-	Event string `json:"event"`
+	Event        string `json:"event"`
+	ReadyVersion int    `json:"ready_version"`
 	// PID is the server's own pid (the child's, unless Binary is a
 	// wrapper that forks).
-	PID        int            `json:"pid"`
-	Model      map[string]any `json:"model"`
-	Transports []string       `json:"transports"`
-	// Name and Generation (16 hex digits, new on every start) are set when
-	// the server serves the ring (shm).
-	Name       string `json:"name"`
-	Generation string `json:"generation"`
-	Slots      int    `json:"slots"`
-	Socket     string `json:"socket"` // uds
-	TCP        string `json:"tcp"`    // tcp, host:port
-	HTTP       string `json:"http"`   // http, a URL
+	PID   int            `json:"pid"`
+	Model map[string]any `json:"model"`
+	// Transports holds one entry per transport served: "shm", "unix", "tcp",
+	// "http".
+	Transports map[string]TransportReady `json:"transports"`
 }
 
-// Addr returns the shmclient address of a transport the server serves
-// ("shm", "uds" or "unix", "tcp"; "http" gives the base URL), or "".
-func (r Ready) Addr(transport string) string {
-	switch {
-	case transport == "shm" && r.Name != "":
-		return "shm://" + r.Name
-	case (transport == "uds" || transport == "unix") && r.Socket != "":
-		return "unix://" + r.Socket
-	case transport == "tcp" && r.TCP != "":
-		return "tcp://" + r.TCP
-	case transport == "http":
-		return r.HTTP
-	}
-	return ""
+// TransportReady is one transport's entry of the ready line.
+type TransportReady struct {
+	// Address is what shmclient.Dial takes (shm://NAME, unix:///path,
+	// tcp://host:port), or the HTTP base URL.
+	Address string `json:"address"`
+	// Name, Generation (16 hex digits, new on every start) and Slots: the ring.
+	Name       string `json:"name,omitempty"`
+	Generation string `json:"generation,omitempty"`
+	Slots      int    `json:"slots,omitempty"`
+	Path       string `json:"path,omitempty"` // unix
+	Host       string `json:"host,omitempty"` // tcp, http
+	Port       int    `json:"port,omitempty"` // tcp, http: the port bound
 }
+
+// ReadyVersion is the version of the ready line this package reads.
+const ReadyVersion = 1
+
+// ParseReady reads a ready line; anything else, or a version this package
+// does not know, is an error.
+func ParseReady(line []byte) (Ready, error) {
+	var r Ready
+	if err := json.Unmarshal(line, &r); err != nil || r.Event != "ready" {
+		return Ready{}, fmt.Errorf("not a ready line: %q", strings.TrimSpace(string(line)))
+	}
+	if r.ReadyVersion != ReadyVersion {
+		return Ready{}, fmt.Errorf("ready line version %d; this client reads %d", r.ReadyVersion, ReadyVersion)
+	}
+	for name, t := range r.Transports {
+		if t.Address == "" {
+			return Ready{}, fmt.Errorf("ready line: transport %q has no address", name)
+		}
+	}
+	return r, nil
+}
+
+// Addr returns the address of a transport the server serves ("shm",
+// "unix" (or its older name "uds"), "tcp", "http"), or "".
+func (r Ready) Addr(transport string) string {
+	if transport == "uds" {
+		transport = "unix"
+	}
+	return r.Transports[transport].Address
+}
+
+// Ring returns the ring's entry (name, generation, slots); zero when the
+// server does not serve the ring.
+func (r Ready) Ring() TransportReady { return r.Transports["shm"] }
 
 // ErrGaveUp reports that the server died more often than
 // Config.MaxRestartsPerMinute allows, or that restarts are disabled.
@@ -274,8 +302,7 @@ func (s *Sidecar) becameReady(c *child) {
 	s.mu.Lock()
 	s.ready = c.ready
 	s.mu.Unlock()
-	s.logger.Info("sidecar: server ready", "pid", c.ready.PID, "transports", c.ready.Transports,
-		"name", c.ready.Name, "generation", c.ready.Generation)
+	s.logger.Info("sidecar: server ready", "pid", c.ready.PID, "transports", c.ready.Transports)
 	if s.cfg.OnReady != nil {
 		s.cfg.OnReady(c.ready)
 	}
@@ -450,10 +477,12 @@ func (s *Sidecar) spawn(ctx context.Context) (*child, error) {
 	select {
 	case line, ok := <-firstLine:
 		if ok {
-			if err := json.Unmarshal(line, &c.ready); err != nil || c.ready.Event != "ready" {
+			ready, err := ParseReady(line)
+			if err != nil {
 				c.terminate(s.cfg.StopGrace, s.stopAbort())
-				return nil, c.failure(fmt.Sprintf("server printed %q instead of its ready line", strings.TrimSpace(string(line))), nil)
+				return nil, c.failure(fmt.Sprintf("server printed no ready line: %v", err), nil)
 			}
+			c.ready = ready
 			c.readyAt = time.Now()
 			return c, nil
 		}

@@ -29,7 +29,7 @@ const restartTimeout = 30 * time.Second
 
 func echoServer(t *testing.T, name string) sidecar.Config {
 	return sidecar.Config{
-		Model: "echo", Transport: "shm,uds", Name: name,
+		Model: "echo", Transport: "shm,unix", Name: name,
 		Args:       []string{"--socket", filepath.Join(crosstest.SocketDir(t), "s.sock")},
 		MinBackoff: 10 * time.Millisecond,
 	}
@@ -73,11 +73,12 @@ func TestStartDialEchoStop(t *testing.T) {
 	name := crosstest.UniqueName()
 	sc := crosstest.Start(t, echoServer(t, name))
 	ready := sc.Ready()
-	if ready.PID <= 0 || ready.Name != name || len(ready.Generation) != 16 || ready.Socket == "" ||
+	if ready.PID <= 0 || ready.Ring().Name != name || len(ready.Ring().Generation) != 16 ||
+		ready.Transports["unix"].Path == "" || ready.Addr("unix") != "unix://"+ready.Transports["unix"].Path ||
 		ready.Model["model"] != "echo" || ready.Addr("shm") != "shm://"+name || ready.Addr("tcp") != "" {
 		t.Fatalf("ready %+v", ready)
 	}
-	for _, transport := range []string{"shm", "uds"} {
+	for _, transport := range []string{"shm", "unix"} {
 		mustEcho(t, dial(t, ready.Addr(transport)), "over "+transport)
 	}
 	if err := sc.Stop(testCtx(t, crosstest.StopTimeout)); err != nil {
@@ -92,7 +93,7 @@ func TestStartDialEchoStop(t *testing.T) {
 		t.Fatalf("after Stop: Err %v, %d restarts, server gone: %v", sc.Err(), sc.Restarts(), processGone(ready.PID))
 	}
 	crosstest.AssertNoRingObjects(t, name)
-	if _, err := os.Stat(ready.Socket); !errors.Is(err, os.ErrNotExist) {
+	if _, err := os.Stat(ready.Transports["unix"].Path); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("socket left behind: %v", err)
 	}
 }
@@ -104,7 +105,7 @@ func TestRestartsAKilledServerAndClientsFollow(t *testing.T) {
 	cfg.OnReady = func(r sidecar.Ready) { readies <- r }
 	sc := crosstest.Start(t, cfg)
 	first := <-readies
-	ring, socket := dial(t, first.Addr("shm")), dial(t, first.Addr("uds"))
+	ring, socket := dial(t, first.Addr("shm")), dial(t, first.Addr("unix"))
 	mustEcho(t, ring, "before")
 	mustEcho(t, socket, "before")
 
@@ -115,7 +116,7 @@ func TestRestartsAKilledServerAndClientsFollow(t *testing.T) {
 	case <-time.After(restartTimeout):
 		t.Fatalf("no restart %v after SIGKILL", restartTimeout)
 	}
-	if second.PID == first.PID || second.Generation == first.Generation || sc.Restarts() != 1 || sc.Ready().PID != second.PID {
+	if second.PID == first.PID || second.Ring().Generation == first.Ring().Generation || sc.Restarts() != 1 || sc.Ready().PID != second.PID {
 		t.Fatalf("after the restart: first %+v, second %+v, Ready %+v, %d restarts", first, second, sc.Ready(), sc.Restarts())
 	}
 	// Both clients find the new server by themselves; a call that raced

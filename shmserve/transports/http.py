@@ -369,7 +369,8 @@ class HttpTransport:
         self.port = self.server.servers[0].sockets[0].getsockname()[1]
 
     def describe(self) -> dict:
-        return {"http": f"http://{self.host}:{self.port}"}
+        return {"address": f"http://{self.host}:{self.port}", "host": self.host,
+                "port": self.port}
 
     def stop(self) -> None:
         self.server.should_exit = True

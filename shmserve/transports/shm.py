@@ -331,7 +331,8 @@ class ShmTransport:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def describe(self) -> dict:
-        return {"name": self.objects.name, "generation": f"{self.objects.generation:016x}",
+        return {"address": f"shm://{self.objects.name}", "name": self.objects.name,
+                "generation": f"{self.objects.generation:016x}",
                 "slots": self.geometry.slot_count}
 
     def start(self) -> None:

@@ -1,4 +1,4 @@
-"""TCP transport: the same packets as uds on --tcp-host:--tcp-port (loopback by default).
+"""TCP transport: the same packets as the Unix socket on --tcp-host:--tcp-port (loopback by default).
 Every local user can connect to a loopback port; ``--tcp-peers owner`` admits only the
 server's own user (and group, with --group-access)."""
 import socket
@@ -14,7 +14,8 @@ class TcpTransport(StreamTransport):
         super().__init__(dispatcher, sock, "tcp", **options)
 
     def describe(self) -> dict:
-        return {"tcp": f"{self.address[0]}:{self.address[1]}"}
+        host, port = self.address[:2]
+        return {"address": f"tcp://{host}:{port}", "host": host, "port": port}
 
 
 def build(dispatcher, args):

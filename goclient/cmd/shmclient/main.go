@@ -13,7 +13,7 @@
 //
 //	shmclient classify -spawn -addr shm://demo DIR
 //
-// runs `shmserve serve --model cifar --transport shm,uds --name demo`.
+// runs `shmserve serve --model cifar --transport shm,unix --name demo`.
 package main
 
 import (

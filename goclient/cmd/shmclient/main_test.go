@@ -182,8 +182,8 @@ func TestSpawnConfigFollowsTheAddresses(t *testing.T) {
 		addrs, transport, args string
 		want                   string // transport | name | args
 	}{
-		{"shm://demo", "", "", "shm,uds|demo|[]"},
-		{"shm://demo,unix:///tmp/d.sock,tcp://127.0.0.1:9999", "", "--slots 8", "shm,uds,tcp|demo|[--socket /tmp/d.sock --tcp-host 127.0.0.1 --tcp-port 9999 --slots 8]"},
+		{"shm://demo", "", "", "shm,unix|demo|[]"},
+		{"shm://demo,unix:///tmp/d.sock,tcp://127.0.0.1:9999", "", "--slots 8", "shm,unix,tcp|demo|[--socket /tmp/d.sock --tcp-host 127.0.0.1 --tcp-port 9999 --slots 8]"},
 		{"tcp://[::1]:7000", "tcp,http", "", "tcp,http||[--tcp-host ::1 --tcp-port 7000]"},
 	} {
 		f := spawnFlags{model: "echo", transport: tc.transport, args: tc.args}

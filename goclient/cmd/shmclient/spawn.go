@@ -19,9 +19,9 @@ import (
 
 // spawnFlags start a server for the duration of one command, configured
 // from the addresses the command dials: shm://NAME serves --name NAME over
-// shm,uds (so that a -fallback to its default socket works, see
+// shm,unix (so that a -fallback to its default socket works, see
 // shmclient.DefaultSocketPath);
-// unix:///path adds uds with --socket path; tcp://host:port adds tcp with
+// unix:///path adds unix with --socket path; tcp://host:port adds tcp with
 // --tcp-host and --tcp-port.
 type spawnFlags struct {
 	enabled   bool
@@ -104,10 +104,10 @@ func (f *spawnFlags) config(addrs []string) (sidecar.Config, error) {
 		var err error
 		switch scheme {
 		case "shm":
-			addTransport("shm", "uds")
+			addTransport("shm", "unix")
 			err = setArg("--name", rest)
 		case "unix":
-			addTransport("uds")
+			addTransport("unix")
 			err = setArg("--socket", rest)
 		case "tcp":
 			addTransport("tcp")

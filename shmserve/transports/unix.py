@@ -12,10 +12,10 @@ class UnixTransport(StreamTransport):
     def __init__(self, dispatcher, path: str, group_access: bool = False, **options):
         self.path = secure_socket_path(path, group_access)
         super().__init__(dispatcher, listen_unix(self.path, 0o660 if group_access else 0o600),
-                         "uds", **options)
+                         "unix", **options)
 
     def describe(self) -> dict:
-        return {"socket": self.path}
+        return {"address": f"unix://{self.path}", "path": self.path}
 
     def stop(self) -> None:
         super().stop()
