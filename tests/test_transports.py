@@ -169,3 +169,31 @@ def test_slow_loris_is_cut_off_and_others_are_served(start_server):
     assert time.monotonic() - started < 3
     other.close()
     loris.close()
+
+
+def test_a_long_error_is_one_final_frame_cut_at_a_code_point(start_server):
+    """Spec section 4: an ERROR is one message; on the ring one FINAL frame, its message cut
+    to fit resp_capacity without splitting a UTF-8 code point."""
+    import numpy as np
+    from shmserve import layout as L
+    from shmserve.tensors import encode
+    server = start_server("--model", "examples/models/identity.py:identity", "--transport",
+                          "shm", "--slot-reply-bytes", "64", "--slots", "2")
+    client = RingClient(server.name)
+    seen = []
+    original = L.check_frame
+
+    def spy(frame, *args):
+        seen.append(frame)
+        original(frame, *args)
+    try:
+        L.check_frame = spy
+        with pytest.raises(ServerError) as info:
+            client.call(MsgType.INFER, bytes(encode([("é" * 100, np.zeros((1, 1), np.float32))])))
+    finally:
+        L.check_frame = original
+        client.close()
+    assert info.value.code == ErrorCode.BAD_INPUT
+    assert len(seen) == 1 and seen[0].final and seen[0].msg_type == MsgType.ERROR
+    assert seen[0].length <= 64
+    assert "\ufffd" not in str(info.value)  # no split code point was replaced

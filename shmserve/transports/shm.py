@@ -45,6 +45,15 @@ _FLAT_BUFFERS = (bytes, bytearray, memoryview)
 _TEXT_TYPES = frozenset({MsgType.CLASSIFY, MsgType.PROMPT, MsgType.STREAM_CHUNK,
                          MsgType.METADATA})
 _PID_MAX = 0x7FFFFFFF  # pid_t is a signed 32-bit integer
+_ERROR_CODE_BYTES = 2  # the u16 code before an ERROR's UTF-8 message
+
+
+def _utf8_cut(data, end: int, start: int) -> int:
+    """The largest cut <= ``end`` (and > ``start``, if there is one) that does not split a
+    UTF-8 code point: back over continuation bytes."""
+    while end > start and data[end] & 0xC0 == 0x80:
+        end -= 1
+    return end
 
 
 def _wake(sem: posix_ipc.Semaphore) -> None:
@@ -449,6 +458,9 @@ class ShmTransport:
         data = payload if type(payload) in _FLAT_BUFFERS else memoryview(payload).cast("B")
         capacity = self.geometry.resp_capacity
         slot = self._slots[request.slot]
+        if msg_type == MsgType.ERROR and len(data) > capacity:
+            # An ERROR is one FINAL frame (section 4): its message is cut to fit.
+            data = data[:_utf8_cut(data, capacity, start=_ERROR_CODE_BYTES)]
         if len(data) <= capacity and not slot.frames and not slot.awaiting_ack:
             self._write_frame(slot, request, msg_type, data, final)
             return
@@ -459,8 +471,7 @@ class ShmTransport:
         while True:
             end = min(start + capacity, len(data))
             if text and end < len(data):
-                while end > start + 1 and data[end] & 0xC0 == 0x80:  # a continuation byte
-                    end -= 1
+                end = _utf8_cut(data, end, start + 1)
             slot.frames.append((msg_type, bytes(data[start:end]), final and end >= len(data)))
             start = end
             if start >= len(data):
