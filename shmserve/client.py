@@ -15,8 +15,8 @@ import time
 import posix_ipc
 
 from . import layout as L
-from .protocol import (PACKET_HEADER, PACKET_LENGTH, ErrorCode, MsgType, decode_error,
-                       encode_prompt)
+from .protocol import (PACKET_LENGTH, ErrorCode, MsgType, decode_error,
+                       encode_packet, encode_prompt)
 
 
 class ServerError(Exception):
@@ -79,7 +79,7 @@ class RingClient:
         """Send one request; returns the (type, body) of its reply, frames joined."""
         frames = list(self.frames(msg_type, body, timeout))
         kind = frames[-1][0]
-        return kind, b"".join(data for _, data in frames if _ == kind)
+        return kind, b"".join(data for frame_type, data in frames if frame_type == kind)
 
     def frames(self, msg_type: int, body: bytes, timeout: float = 5.0):
         """Yield (type, data) per reply frame; acknowledges each non-final frame."""
@@ -164,7 +164,7 @@ class PacketClient:
         self.sock.close()
 
     def send(self, msg_type: int, body: bytes = b"") -> None:
-        self.sock.sendall(PACKET_HEADER.pack(len(body) + 1, msg_type) + body)
+        self.sock.sendall(encode_packet(msg_type, body))
 
     def read(self) -> tuple[int, bytes]:
         (length,) = PACKET_LENGTH.unpack(self._read_exact(4))

@@ -72,9 +72,7 @@ ERROR_HEADER = struct.Struct("<H")
 MAX_PACKET_BODY = 16 * 1024 * 1024
 MAX_BATCH_IMAGES = 256
 PACKET_LENGTH = struct.Struct(">I")
-PACKET_HEADER = struct.Struct(">IB")
-
-REPLY_ONLY_TYPES = frozenset({MsgType.STREAM_CHUNK, MsgType.STREAM_END, MsgType.ERROR})
+_PACKET_HEADER = struct.Struct(">IB")  # length (type byte + body), type
 
 
 class FramingError(Exception):
@@ -85,8 +83,13 @@ class FramingError(Exception):
         self.name = name
 
 
+def packet_header(msg_type: int, body_len: int) -> bytes:
+    """The 5 bytes before a body of ``body_len`` bytes (section 5)."""
+    return _PACKET_HEADER.pack(body_len + 1, msg_type)
+
+
 def encode_packet(msg_type: int, body: bytes | bytearray | memoryview = b"") -> bytes:
-    return PACKET_HEADER.pack(len(body) + 1, msg_type) + bytes(body)
+    return packet_header(msg_type, len(body)) + bytes(body)
 
 
 def check_packet_length(length: int, max_body: int = MAX_PACKET_BODY) -> None:

@@ -17,8 +17,9 @@ import sys
 import time
 
 from .. import layout as L
+from ..protocol import MsgType, encode_packet
 
-_ECHO = b"\x00\x00\x00\x06\x00probe"
+_ECHO = encode_packet(MsgType.ECHO, b"probe")
 
 
 class NotReady(Exception):

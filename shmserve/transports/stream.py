@@ -11,8 +11,8 @@ import time
 import numpy as np
 
 from ..dispatch import Request
-from ..protocol import (MAX_PACKET_BODY, PACKET_HEADER, PACKET_LENGTH, ErrorCode, FramingError,
-                        MsgType, check_packet_length, encode_error)
+from ..protocol import (MAX_PACKET_BODY, PACKET_LENGTH, ErrorCode, FramingError,
+                        MsgType, check_packet_length, encode_error, packet_header)
 from .peers import ConnectionGate, RefusalLog, peer_of
 
 log = logging.getLogger("shmserve.stream")
@@ -97,7 +97,7 @@ class Connection:
         self._packet_deadline: float | None = None
 
     def send_packet(self, msg_type: int, payload) -> None:
-        header = PACKET_HEADER.pack(len(payload) + 1, msg_type)
+        header = packet_header(msg_type, len(payload))
         with self._send_lock:
             if len(payload) <= 65536:
                 self.sock.sendall(header + bytes(payload))
