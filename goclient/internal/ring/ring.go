@@ -236,6 +236,12 @@ func (r *Ring) receive(ctx context.Context, req request, onFrame func(Frame) err
 			r.cancel(req)
 			return callbackErr
 		}
+		// The deadline holds while frames keep coming (section 9): a wait
+		// that finds its frame at once never looks at ctx.
+		if err := ctx.Err(); err != nil {
+			r.cancel(req)
+			return err
+		}
 		r.ack(req)
 	}
 }

@@ -12,6 +12,7 @@ import (
 	"sync"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/shmserve/shmserve/goclient/internal/ring"
 	"github.com/shmserve/shmserve/goclient/internal/ring/ringtest"
@@ -121,6 +122,63 @@ func TestMultiFrameReplyIsAckedAndJoined(t *testing.T) {
 	}
 	if len(types) != 25 {
 		t.Fatalf("%d frames, want 25", len(types))
+	}
+}
+
+func TestTextFramesNeverSplitACodePointAndAnErrorIsOneFrame(t *testing.T) {
+	text := strings.Repeat("é€", 40) // 2- and 3-byte code points: 64-byte cuts land inside them
+	handler := func(_ context.Context, typ protocol.MsgType, _ []byte) []ringtest.Message {
+		if typ == protocol.TypeEcho {
+			return []ringtest.Message{{Type: protocol.TypeError, Body: protocol.AppendErrorBody(nil,
+				&protocol.Error{Code: protocol.CodeInternal, Message: text})}}
+		}
+		return []ringtest.Message{{Type: protocol.TypePrompt, Body: []byte(text)}}
+	}
+	server := startServer(t, ringtest.Options{Slots: 1, RespCapacity: 64, Handler: handler})
+	r := attach(t, server.Name, ring.DefaultConfig())
+	var frames [][]byte
+	prompt := protocol.AppendPromptRequest(nil, protocol.PromptRequest{MaxNewTokens: 1, Prompt: "hi"})
+	err := r.Call(testCtx(t), protocol.TypePrompt, prompt, func(f ring.Frame) error {
+		frames = append(frames, bytes.Clone(f.Data))
+		return nil
+	})
+	if err != nil || len(frames) < 2 || string(bytes.Join(frames, nil)) != text {
+		t.Fatalf("prompt reply in %d frames, err %v", len(frames), err)
+	}
+	for i, f := range frames {
+		if !utf8.Valid(f) {
+			t.Errorf("frame %d splits a code point: %q", i, f)
+		}
+	}
+	var errorFrames []ring.Frame
+	err = r.Call(testCtx(t), protocol.TypeEcho, []byte("x"), func(f ring.Frame) error {
+		errorFrames = append(errorFrames, f)
+		return nil
+	})
+	if err != nil || len(errorFrames) != 1 || !errorFrames[0].Final || errorFrames[0].Type != protocol.TypeError {
+		t.Fatalf("error reply: %d frames, err %v", len(errorFrames), err)
+	}
+}
+
+func TestTheDeadlineHoldsWhileFramesKeepComing(t *testing.T) {
+	server := startServer(t, ringtest.Options{Slots: 1, RespCapacity: 64})
+	r := attach(t, server.Name, ring.DefaultConfig())
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Millisecond)
+	defer cancel()
+	frames := 0
+	start := time.Now()
+	// 100 frames read at 5 ms each: the deadline passes mid-reply, and the
+	// call must end there, cancel, and give the slot back.
+	err := r.Call(ctx, protocol.TypeEcho, bytes.Repeat([]byte("x"), 100*64), func(ring.Frame) error {
+		frames++
+		time.Sleep(5 * time.Millisecond)
+		return nil
+	})
+	if !errors.Is(err, context.DeadlineExceeded) || time.Since(start) > 200*time.Millisecond {
+		t.Fatalf("after %d frames and %v: err %v, want the deadline", frames, time.Since(start), err)
+	}
+	if _, _, err := call(testCtx(t), r, protocol.TypeEcho, []byte("next")); err != nil {
+		t.Fatalf("the slot did not come back after the cancel: %v", err)
 	}
 }
 

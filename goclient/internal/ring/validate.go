@@ -161,37 +161,3 @@ func ValidateFrame(line []byte, respCapacity int, reqSeq uint32, reqID uint64) (
 	}
 	return frame, nil
 }
-
-// RequestRecord is the client line of a slot as a server reads it.
-type RequestRecord struct {
-	Owner uint32
-	Seq   uint32
-	ID    uint64
-	Len   int
-	Type  protocol.MsgType
-}
-
-// ValidateRequest is the server's check of a slot's client line (its bytes
-// 0..63, section 8): a record that no client can be waiting for, or whose
-// req_len overruns the slot, is CORRUPT_RECORD; then the type and size rules
-// of section 3 apply. Every failure is the error the server answers with.
-func ValidateRequest(line []byte, reqCapacity int) (RequestRecord, error) {
-	if len(line) < CacheLine {
-		return RequestRecord{}, &protocol.Error{Code: protocol.CodeCorruptRecord, Message: fmt.Sprintf("request line of %d bytes", len(line))}
-	}
-	record := RequestRecord{
-		Owner: binary.LittleEndian.Uint32(line[SlotOwnerOffset:]),
-		Seq:   binary.LittleEndian.Uint32(line[SlotReqSeqOffset:]),
-		ID:    binary.LittleEndian.Uint64(line[SlotReqIDOffset:]),
-		Type:  protocol.MsgType(line[SlotReqTypeOffset]),
-	}
-	length := binary.LittleEndian.Uint32(line[SlotReqLenOffset:])
-	switch {
-	case record.Owner == 0:
-		return record, &protocol.Error{Code: protocol.CodeCorruptRecord, Message: "request published in a free slot"}
-	case uint64(length) > uint64(reqCapacity):
-		return record, &protocol.Error{Code: protocol.CodeCorruptRecord, Message: fmt.Sprintf("req_len %d exceeds req_capacity %d", length, reqCapacity)}
-	}
-	record.Len = int(length)
-	return record, protocol.CheckRequestLength(record.Type, record.Len)
-}

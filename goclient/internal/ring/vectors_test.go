@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/shmserve/shmserve/goclient/internal/ring"
+	"github.com/shmserve/shmserve/goclient/internal/ring/ringtest"
 	"github.com/shmserve/shmserve/goclient/protocol"
 )
 
@@ -126,8 +127,8 @@ func TestRingVectors(t *testing.T) {
 					}
 				}
 			case "request":
-				var r ring.RequestRecord
-				if r, err = ring.ValidateRequest(b, v.ReqCapacity); err == nil {
+				var r ringtest.RequestRecord
+				if r, err = ringtest.ValidateRequest(b, v.ReqCapacity); err == nil {
 					if int(r.Type) != v.ReqType || r.Len != v.ReqLen || r.ID != v.reqID(t) {
 						t.Fatalf("request %+v", r)
 					}

@@ -3,9 +3,15 @@
 // 6-11 with one goroutine owning the ring and a goroutine per request, and
 // lets a test tamper with frames, hold the server in STARTING, stop it or
 // kill it.
+//
+// It is a test server, not a second product: it does not reclaim the slots
+// of dead clients (section 9), has no group access (section 6), and answers
+// what its Handler returns without model-side validation. Request-line
+// validation (ValidateRequest) lives here because only a server needs it.
 package ringtest
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/binary"
@@ -17,6 +23,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -120,9 +127,9 @@ func Start(name string, opts Options) (*Server, error) {
 	if err := ring.CheckName(name); err != nil {
 		return nil, err
 	}
-	opts.Slots = cmpOr(opts.Slots, 64)
-	opts.ReqCapacity = cmpOr(opts.ReqCapacity, 256<<10)
-	opts.RespCapacity = cmpOr(opts.RespCapacity, 64<<10)
+	opts.Slots = cmp.Or(opts.Slots, 64)
+	opts.ReqCapacity = cmp.Or(opts.ReqCapacity, 256<<10)
+	opts.RespCapacity = cmp.Or(opts.RespCapacity, 64<<10)
 	if opts.Handler == nil {
 		opts.Handler = Echo
 	}
@@ -140,13 +147,6 @@ func Start(name string, opts Options) (*Server, error) {
 	}
 	go s.serve(ctx)
 	return s, nil
-}
-
-func cmpOr(v, fallback int) int {
-	if v == 0 {
-		return fallback
-	}
-	return v
 }
 
 func (s *Server) create() error {
@@ -208,7 +208,7 @@ func (s *Server) create() error {
 	return nil
 }
 
-var semFilePattern = regexp.MustCompile(`^sem\.shmserve\.(.+)\.(req|s[0-9]+)$`)
+var semFilePattern = regexp.MustCompile(`^sem\.shmserve\.(.+)\.(req|s(?:0|[1-9][0-9]*))$`)
 
 // removeObjects unlinks the shared memory and semaphores of NAME, matching
 // semaphore names exactly so that a ring named "x.y" survives the cleanup
@@ -316,7 +316,12 @@ func (s *Server) serve(ctx context.Context) {
 	doorbell := (*atomic.Uint64)(unsafe.Pointer(&s.mem[ring.HeaderDoorbellOffset]))
 	heartbeat := (*atomic.Uint64)(unsafe.Pointer(&s.mem[ring.HeaderHeartbeatOffset]))
 	beat := func() error {
-		heartbeat.Store(uint64(time.Now().UnixNano()))
+		// CLOCK_MONOTONIC, as section 7.1 says: a probe compares it with its own.
+		var now unix.Timespec
+		if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &now); err != nil {
+			return err
+		}
+		heartbeat.Store(uint64(now.Nano()))
 		return nil
 	}
 	waiter := ring.NewWaiter(20*time.Microsecond, heartbeatInterval)
@@ -406,7 +411,7 @@ func (s *Server) abort(state *slotState, final Message) {
 }
 
 func (s *Server) startRequest(i int, state *slotState, slotMem []byte, request *activeRequest) {
-	record, err := ring.ValidateRequest(slotMem[:ring.CacheLine], s.geo.ReqCapacity)
+	record, err := ValidateRequest(slotMem[:ring.CacheLine], s.geo.ReqCapacity)
 	var body []byte
 	if err == nil {
 		body = append([]byte(nil), slotMem[ring.SlotDataOffset:][:record.Len]...)
@@ -435,14 +440,21 @@ func errorMessage(code protocol.Code, message string) Message {
 	return Message{Type: protocol.TypeError, Body: protocol.AppendErrorBody(nil, &protocol.Error{Code: code, Message: message})}
 }
 
-// frames cuts messages into frames of at most resp_capacity; only the very
-// last frame is FINAL.
+// frames cuts messages into frames of at most resp_capacity as section 9
+// says: text is cut only at code point boundaries, an ERROR is one frame (its
+// message cut to fit, section 4), and only the very last frame is FINAL.
 func (s *Server) frames(request *activeRequest, messages []Message) []frame {
 	var out []frame
 	for _, m := range messages {
 		body := m.Body
+		if m.Type == protocol.TypeError && len(body) > s.geo.RespCapacity {
+			body = body[:utf8Cut(body, s.geo.RespCapacity, errorCodeBytes)]
+		}
 		for first := true; first || len(body) > 0; first = false {
 			n := min(len(body), s.geo.RespCapacity)
+			if isText(m.Type) && n < len(body) {
+				n = utf8Cut(body, n, 1)
+			}
 			out = append(out, frame{
 				header: FrameFields{ReqSeq: request.seq, ReqID: request.id, Len: uint32(n), Type: m.Type},
 				data:   body[:n],
@@ -452,6 +464,26 @@ func (s *Server) frames(request *activeRequest, messages []Message) []frame {
 	}
 	out[len(out)-1].header.Flags = ring.FrameFlagFinal
 	return out
+}
+
+// errorCodeBytes is the u16 code before an ERROR body's UTF-8 message.
+const errorCodeBytes = 2
+
+func isText(t protocol.MsgType) bool {
+	switch t {
+	case protocol.TypeClassify, protocol.TypePrompt, protocol.TypeStreamChunk, protocol.TypeMetadata:
+		return true
+	}
+	return false
+}
+
+// utf8Cut moves a cut at end back over continuation bytes, so it does not
+// split a code point, but not below min.
+func utf8Cut(b []byte, end, min int) int {
+	for end > min && !utf8.RuneStart(b[end]) {
+		end--
+	}
+	return end
 }
 
 func (s *Server) publish(i int, state *slotState, slotMem []byte) {
@@ -495,4 +527,38 @@ func (s *Server) shutDown(slots []slotState) {
 	for _, sem := range s.slotSems {
 		sem.Post()
 	}
+}
+
+// RequestRecord is the client line of a slot as a server reads it.
+type RequestRecord struct {
+	Owner uint32
+	Seq   uint32
+	ID    uint64
+	Len   int
+	Type  protocol.MsgType
+}
+
+// ValidateRequest is the server's check of a slot's client line (its bytes
+// 0..63, section 8): a record that no client can be waiting for, or whose
+// req_len overruns the slot, is CORRUPT_RECORD; then the type and size rules
+// of section 3 apply. Every failure is the error the server answers with.
+func ValidateRequest(line []byte, reqCapacity int) (RequestRecord, error) {
+	if len(line) < ring.CacheLine {
+		return RequestRecord{}, &protocol.Error{Code: protocol.CodeCorruptRecord, Message: fmt.Sprintf("request line of %d bytes", len(line))}
+	}
+	record := RequestRecord{
+		Owner: binary.LittleEndian.Uint32(line[ring.SlotOwnerOffset:]),
+		Seq:   binary.LittleEndian.Uint32(line[ring.SlotReqSeqOffset:]),
+		ID:    binary.LittleEndian.Uint64(line[ring.SlotReqIDOffset:]),
+		Type:  protocol.MsgType(line[ring.SlotReqTypeOffset]),
+	}
+	length := binary.LittleEndian.Uint32(line[ring.SlotReqLenOffset:])
+	switch {
+	case record.Owner == 0:
+		return record, &protocol.Error{Code: protocol.CodeCorruptRecord, Message: "request published in a free slot"}
+	case uint64(length) > uint64(reqCapacity):
+		return record, &protocol.Error{Code: protocol.CodeCorruptRecord, Message: fmt.Sprintf("req_len %d exceeds req_capacity %d", length, reqCapacity)}
+	}
+	record.Len = int(length)
+	return record, protocol.CheckRequestLength(record.Type, record.Len)
 }
