@@ -74,6 +74,9 @@ def bodies():
     add("prompt empty", 4, prompt(5, b""), error="EMPTY_PROMPT")
     add("prompt invalid utf-8", 4, prompt(5, b"ok\xc3\x28"), error="INVALID_UTF8")
     add("prompt truncated utf-8", 5, prompt(5, "é".encode()[:1]), error="INVALID_UTF8")
+    # Section 3's order: content errors before the model's max_new_tokens range.
+    add("prompt empty with zero tokens", 4, prompt(0, b""), error="EMPTY_PROMPT")
+    add("prompt invalid utf-8 with zero tokens", 5, prompt(0, b"\xff"), error="INVALID_UTF8")
     add("metadata", 9, b"", ok=True)
     add("metadata with a body", 9, b"\x00", error="BAD_LENGTH")
     add("infer shorter than a list header", 8, b"\x01\x00\x00", error="BAD_LENGTH")
@@ -152,6 +155,12 @@ def ring():
         ("answers another id", {"req_id": 1}, {"error": "MISROUTED"}),
         ("unknown frame type", {"ftype": 0x42}, {"error": "CORRUPT_RECORD"}),
         ("request-only type as frame", {"ftype": 5}, {"error": "CORRUPT_RECORD"}),
+        ("infer reply frame", {"ftype": 8}, {"ok": True, "final": True, "frame_type": 8,
+                                             "frame_len": 5}),
+        ("final stream chunk", {"ftype": 6}, {"error": "CORRUPT_RECORD"}),
+        ("non-final stream end", {"ftype": 7, "flags": 0, "length": 0}, {"error": "CORRUPT_RECORD"}),
+        # Checks run in section 9's order: misrouted wins over every other fault.
+        ("misrouted and oversized", {"req_seq": 6, "length": 65}, {"error": "MISROUTED"}),
     ]:
         cases.append({"name": name, "kind": "frame", "hex": frame(**kw), **expect, **result})
 
