@@ -60,11 +60,11 @@ func WithLogger(logger *slog.Logger) Option { return func(o *options) { o.logger
 // WithSpin sets how long a ring call polls for its reply before it blocks
 // on the semaphore (default 50µs). A lone call stretches the spin up to 4x
 // when replies have typically been taking longer (a model call just over
-// the spin). Spinning turns an echo round trip of ~13µs into ~8µs (Python
-// server, two quiet CPUs) but holds a CPU while it lasts (one CPU for all
-// the calls in flight: they share one poller), so spins that keep failing
-// pause spinning by themselves. 0 blocks at once, for hosts where a CPU
-// costs more than latency.
+// the spin). Spinning saves the wake-up latency of a blocked wait but holds
+// a CPU while it lasts (one CPU for all the calls in flight: they share one
+// poller), so spins that keep failing pause spinning by themselves. 0 blocks
+// at once, for hosts where a CPU costs more than latency. bench/README.md
+// has the measurements behind the default.
 func WithSpin(d time.Duration) Option { return func(o *options) { o.ring.Spin = max(d, 0) } }
 
 // WithConns sets how many connections a socket transport may open

@@ -39,9 +39,8 @@ type Config struct {
 }
 
 // DefaultConfig spins 50 µs: long enough to catch any reply the server has
-// ready (an echo round trip is 8 µs against the Python server on two quiet
-// CPUs), short enough that a request waiting on a model (milliseconds)
-// wastes little CPU before it blocks. A lone call stretches it up to 200 µs
+// ready (an echo round trip is a few µs), short enough that a request
+// waiting on a model (milliseconds) wastes little CPU before it blocks. A lone call stretches it up to 200 µs
 // when replies typically take that long, and failed spins pause spinning
 // (see Waiter). The calls in flight share one poller, leaving the other CPUs to
 // the server.

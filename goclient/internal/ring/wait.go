@@ -42,10 +42,8 @@ const maxSpinPause = 128
 // side: its semaphore has no sleeper, so the server's post stays in user
 // space. When the leader's own word changes it hands the polling to the
 // oldest parked wait. So a process spins on one CPU however many calls it
-// has in flight. Letting only NumCPU-1 calls spin and blocking the rest at
-// once, as this client did first, costs a futex wake-up per reply: 16
-// echoes in flight made 88-95k msgs/s on two CPUs against 190-258k with the
-// shared poller (and 39-41k against 448-470k at GOMAXPROCS=1).
+// has in flight, and no reply costs a futex wake-up (bench/README.md has
+// the measurements against one spinner per call).
 type Waiter struct {
 	// spin is how long the poller goes on without seeing any of its words
 	// change before every wait it serves blocks, stretched up to spinStretch
@@ -305,11 +303,9 @@ func (w *Waiter) handOff(failed bool) {
 // the configured spin or twice the typical wait when that is longer, up to
 // spinStretch times the spin: a reply that comes a little after the spin (a
 // model call of 90 µs against a 50 µs spin) is then caught spinning instead
-// of paying a wake-up. On the 2-CPU development VM single-image classify
-// took 108 µs at p50 with a fixed 50 µs spin, 90 µs with 100 µs or more,
-// and 134 µs blocking at once. With parked waits replies keep coming, and a
-// lull of the plain spin means the server is stalled or starved of CPU:
-// stretching then cost 16 echoes in flight a quarter of their throughput.
+// of paying a wake-up. With parked waits replies keep coming, and a lull of
+// the plain spin means the server is stalled or starved of CPU: stretching
+// then costs throughput instead (bench/README.md).
 func (w *Waiter) budget(parked int) time.Duration {
 	if parked > 0 {
 		return w.spin
