@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import struct
 import threading
 import time
 
@@ -24,12 +25,15 @@ _ACCEPT_BACKOFF_S = 0.05
 _BODY_ALIGN = 64
 
 
-def _aligned(n: int) -> memoryview:
-    """n writable bytes whose byte 1, where a packet's body starts after its type byte, is on a
-    64-byte boundary: tensors in an INFER body are then aligned for their dtype and reach the
-    model as views of this buffer (section 3.1)."""
+_PREFIX = 4  # the packet length; then the type byte, then the body
+
+
+def _packet_buffer(n: int) -> memoryview:
+    """n writable bytes for a packet read whole, prefix included, whose body (at byte 5,
+    after the length and the type byte) is on a 64-byte boundary: tensors in an INFER body
+    are then aligned for their dtype and reach the model as views of this buffer (3.1)."""
     raw = np.empty(n + _BODY_ALIGN, np.uint8)
-    skip = -(raw.ctypes.data + 1) % _BODY_ALIGN
+    skip = -(raw.ctypes.data + _PREFIX + 1) % _BODY_ALIGN
     return memoryview(raw[skip:skip + n])
 DEFAULT_IDLE_TIMEOUT_S = 60.0
 DEFAULT_MAX_CONNECTIONS = 1024
@@ -64,12 +68,18 @@ class ByteBudget:
 
 
 class StreamRequest(Request):
-    __slots__ = ("connection", "finished")
+    __slots__ = ("connection", "_unfinished")
 
     def __init__(self, connection: "Connection", msg_type: int, body: bytes):
         super().__init__(msg_type, body)
         self.connection = connection
-        self.finished = threading.Event()
+        # Held until the final reply has been sent; a lock, since an Event costs several
+        # times more to make, and this is per request.
+        self._unfinished = threading.Lock()
+        self._unfinished.acquire()
+
+    def wait_finished(self) -> None:
+        self._unfinished.acquire()
 
     def _send(self, msg_type, payload, final):
         try:
@@ -81,92 +91,142 @@ class StreamRequest(Request):
             log.debug("reply not delivered: %s", exc)
         finally:
             if final:
-                self.finished.set()
+                self._unfinished.release()
 
     def cancelled(self) -> bool:
         return self.connection.closed
 
 
 class Connection:
+    """One client connection, served by one thread, one request at a time.
+
+    Reads go into one buffer kept for the connection: a request's packet usually arrives in a
+    single recv (length, type and body together), and the socket is blocking with kernel
+    timeouts (SO_RCVTIMEO/SO_SNDTIMEO), so a request costs one recv and one send and no poll.
+    The buffer is reused only after the request's final reply, which is also when its body
+    stops being valid (Request.release)."""
+
     def __init__(self, sock: socket.socket, transport: "StreamTransport", peer):
         self.sock = sock
         self.transport = transport
         self.peer = peer
         self.closed = False
         self._send_lock = threading.Lock()
-        self._packet_deadline: float | None = None
+        self._buf = _packet_buffer(_FIRST_READ)
+        self._filled = 0  # bytes of _buf read from the socket, from its start
+        self._packet_started = 0.0  # when the first byte of the packet being read came
+        self._recv_timeout: float | None = None
+        sock.settimeout(None)
+        self._set_timeout(socket.SO_SNDTIMEO, transport.packet_timeout)
+
+    def _set_timeout(self, option: int, seconds: float | None) -> None:
+        seconds = seconds or 0.0  # 0: no timeout
+        whole = int(seconds)
+        micros = int((seconds - whole) * 1e6) if seconds else 0
+        if seconds and not whole and not micros:
+            micros = 1  # a positive remainder must not turn into "never"
+        self.sock.setsockopt(socket.SOL_SOCKET, option, struct.pack("@ll", whole, micros))
 
     def send_packet(self, msg_type: int, payload) -> None:
-        header = packet_header(msg_type, len(payload))
+        """Header and payload in one gathering sendmsg: no copy of the payload, one syscall
+        (more only when the socket buffer takes a big reply in parts)."""
+        size = len(payload)
+        parts = [packet_header(msg_type, size), payload]
         with self._send_lock:
-            if len(payload) <= 65536:
-                self.sock.sendall(header + bytes(payload))
-            else:  # skip the concatenation copy for big bodies; TCP_NODELAY is set
-                self.sock.sendall(header)
-                self.sock.sendall(payload)
+            sent = self.sock.sendmsg(parts)
+            if sent == size + _PREFIX + 1:
+                return
+            rest = memoryview(b"".join(parts) if size <= UNBUDGETED_PACKET else
+                              parts[0] + bytes(payload))[sent:]
+            self.sock.sendall(rest)
 
-    def _read_exact(self, n: int, eof_ok: bool = False) -> memoryview | None:
-        """n bytes; None on a clean EOF before a packet's first byte when ``eof_ok``.
+    def _fill(self, need: int, deadline: float | None) -> bool:
+        """Reads until ``need`` bytes are buffered; False on a clean EOF before any byte of a
+        new packet. ``deadline`` None: waiting for a packet (the idle timeout applies); else the
+        monotonic time by which the packet must be complete (the packet timeout).
 
-        A packet's first byte starts its clock: the whole packet must arrive within the packet
-        timeout however its bytes are spaced, so a slow-loris client cannot hold a thread with
-        one byte per interval. The buffer grows with the bytes that arrive, not with the
-        length a peer announces: 1024 peers announcing 16 MiB each would otherwise cost
-        16 GiB before sending anything."""
-        buf = _aligned(min(n, _FIRST_READ))
-        got = 0
-        while got < n:
-            if self._packet_deadline is None:
-                self.sock.settimeout(self.transport.idle_timeout)
-            else:
-                remaining = self._packet_deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(f"packet incomplete after {self.transport.packet_timeout} s")
-                self.sock.settimeout(remaining)
-            if got == len(buf):
-                bigger = _aligned(min(2 * got, n))
-                bigger[:got] = buf
-                buf = bigger
-            count = self.sock.recv_into(buf[got:])
+        The buffer grows with the bytes that arrive, not with the length a peer announces:
+        1024 peers announcing 16 MiB each would otherwise cost 16 GiB before sending
+        anything. A packet's first byte starts its clock, so a slow-loris client cannot hold
+        a thread with one byte per interval."""
+        while self._filled < need:
+            timeout = (self.transport.idle_timeout if deadline is None
+                       else deadline - time.monotonic())
+            if deadline is not None and timeout <= 0:
+                raise TimeoutError(f"packet incomplete after {self.transport.packet_timeout} s")
+            if timeout != self._recv_timeout:
+                self._set_timeout(socket.SO_RCVTIMEO, timeout)
+                self._recv_timeout = timeout
+            if self._filled == len(self._buf):
+                bigger = _packet_buffer(min(2 * self._filled, need))
+                bigger[:self._filled] = self._buf[:self._filled]
+                self._buf = bigger
+            try:
+                count = self.sock.recv_into(self._buf[self._filled:])
+            except BlockingIOError:  # EAGAIN: SO_RCVTIMEO expired
+                raise TimeoutError("idle timeout" if deadline is None else
+                                   f"packet incomplete after {self.transport.packet_timeout} s")
             if not count:
-                if got == 0 and eof_ok:
-                    return None
-                raise ConnectionError(f"peer closed mid-packet after {got} of {n} bytes")
-            if self._packet_deadline is None:
-                self._packet_deadline = time.monotonic() + self.transport.packet_timeout
-            got += count
-        return buf
+                if self._filled == 0 and deadline is None:
+                    return False
+                raise ConnectionError(f"peer closed mid-packet after {self._filled} bytes")
+            if deadline is None:
+                self._packet_started = time.monotonic()
+                deadline = self._packet_started + self.transport.packet_timeout
+            self._filled += count
+        return True
+
+    def _consume(self, used: int) -> None:
+        """Drops the first ``used`` bytes: a pipelined next packet moves to the buffer's start
+        (a copy, rare), and a buffer grown for one big packet goes back to its usual size."""
+        rest = self._filled - used
+        if len(self._buf) > _FIRST_READ and rest <= _FIRST_READ:
+            small = _packet_buffer(_FIRST_READ)
+            small[:rest] = self._buf[used:self._filled]
+            self._buf = small
+        elif rest:
+            self._buf[:rest] = bytes(self._buf[used:self._filled])
+        if rest:  # a pipelined packet's bytes are here already: its clock starts now
+            self._packet_started = time.monotonic()
+        self._filled = rest
 
     def serve(self) -> None:
         transport = self.transport
         try:
             while not transport.stopping:
-                self._packet_deadline = None
-                prefix = self._read_exact(4, eof_ok=True)
-                if prefix is None:
+                if self._filled < _PREFIX and not self._fill(_PREFIX, None):
                     return
-                (length,) = PACKET_LENGTH.unpack(prefix)
+                (length,) = PACKET_LENGTH.unpack_from(self._buf)
                 try:
                     check_packet_length(length, transport.max_body)
                 except FramingError as exc:
                     code = ErrorCode.TOO_LARGE if exc.name == "TOO_LARGE" else ErrorCode.BAD_LENGTH
-                    self.sock.settimeout(transport.packet_timeout)
                     self.send_packet(MsgType.ERROR, encode_error(code, str(exc)))
                     return  # the stream cannot be resynchronised: section 5
                 budgeted = length if length > UNBUDGETED_PACKET else 0
                 if budgeted and not self._reserve(budgeted):
                     return
                 try:
-                    packet = self._read_exact(length)
-                    self.sock.settimeout(transport.packet_timeout)  # the limit on sending the reply
-                    request = StreamRequest(self, packet[0], packet[1:])
-                    transport.dispatcher.dispatch([request])
-                    request.finished.wait()
+                    if self._filled < _PREFIX + length:
+                        # The clock started with the packet's first byte, or, for a body
+                        # that waited for the budget, after that wait (not the peer's doing).
+                        started = time.monotonic() if budgeted else self._packet_started
+                        self._fill(_PREFIX + length, started + transport.packet_timeout)
+                    packet = self._buf[_PREFIX:_PREFIX + length]
+                    if packet[0] == MsgType.ECHO:
+                        # Every model echoes, and the dispatcher would only send the body
+                        # back: answered here, as the ring answers it in its native loop.
+                        self.send_packet(MsgType.ECHO, packet[1:])
+                    else:
+                        request = StreamRequest(self, packet[0], packet[1:])
+                        transport.dispatcher.dispatch([request])
+                        request.wait_finished()  # a model may answer from its own thread
                 finally:
                     if budgeted:
                         transport.budget.release(budgeted)
                 if self.closed:  # a reply could not be delivered: the stream is out of step
                     return
+                self._consume(_PREFIX + length)
         except (ConnectionError, TimeoutError, OSError) as exc:
             log.debug("connection ended: %s", exc)
         finally:
@@ -179,9 +239,7 @@ class Connection:
         peer gets TOO_LARGE and, its body unread, the connection is closed (section 5)."""
         budget, timeout = self.transport.budget, self.transport.packet_timeout
         if length <= budget.total and budget.reserve(length, timeout):
-            self._packet_deadline = time.monotonic() + timeout  # the wait was not the peer's
             return True
-        self.sock.settimeout(timeout)
         self.send_packet(MsgType.ERROR, encode_error(
             ErrorCode.TOO_LARGE, f"a {length}-byte packet does not fit the server's buffer "
             f"budget of {budget.total} bytes (--buffer-budget) within {timeout} s"))
