@@ -28,6 +28,10 @@ func TestExampleAgainstARealServer(t *testing.T) {
 		t.Fatalf("%v\n%s", err, &out)
 	}
 	t.Log("\n" + out.String())
+	// The sidecar the example started removed its ring when it stopped.
+	if left, _ := filepath.Glob(fmt.Sprintf("/dev/shm/*shmserve.regressor-%d*", os.Getpid())); len(left) > 0 {
+		t.Errorf("left in /dev/shm: %v", left)
+	}
 	lines := strings.Split(strings.TrimSpace(out.String()), "\n")
 	if len(lines) != 5 || lines[0] != "model regressor over shm: x FP32[-1 8] -> y FP32[-1 1], batches of up to 256 rows" {
 		t.Fatalf("output:\n%s", &out)
