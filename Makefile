@@ -116,8 +116,11 @@ versions: $(UV_STAMP)
 .PHONY: test test-go test-py
 test: test-go test-py
 
+# examples/go is a module of its own (a user's program depending on goclient), so ./... of
+# goclient does not reach it.
 test-go: $(VENV_ALL)
 	cd goclient && $(GO) test -count=1 ./...
+	cd examples/go && $(GO) test -count=1 ./...
 
 # pytest's exit 5 ("no tests collected") is left as a failure on purpose.
 test-py: $(VENV_ALL)

@@ -2,6 +2,7 @@
 
     shmserve serve --model examples/models/identity.py:identity
     shmserve serve --model examples/models/identity.py:typed
+    shmserve serve --model examples/models/identity.py:unbatched
     shmserve serve --model examples/models/identity.py:broken
 
 The Go tests and examples/go call them with Infer over every transport.
@@ -40,6 +41,18 @@ class Typed(shmserve.Model):
                 "img": inputs["img"]}
 
 
+class Unbatched(shmserve.Model):
+    """Fixed shapes, no batch dimension: int64 ids and a bfloat16 matrix."""
+
+    name = "unbatched"
+    signature = Signature([TensorSpec("ids", "int64", (3,)), TensorSpec("h", "BF16", (2, 2))],
+                          [TensorSpec("next_ids", "int64", (3,)), TensorSpec("h2", "BF16", (2, 2))])
+
+    def infer(self, inputs):
+        # Doubling is exact in bfloat16, so a client can check the reply bit for bit.
+        return {"next_ids": inputs["ids"] + 1, "h2": inputs["h"] * 2}
+
+
 class Broken(shmserve.Model):
     """Raises on negative input: the server answers INTERNAL and goes on serving."""
 
@@ -60,6 +73,10 @@ def identity() -> Identity:
 
 def typed() -> Typed:
     return Typed()
+
+
+def unbatched() -> Unbatched:
+    return Unbatched()
 
 
 def broken() -> Broken:

@@ -12,6 +12,7 @@
 package shmclient
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -316,4 +317,59 @@ func errorReply(body []byte) error {
 		return err
 	}
 	return decoded
+}
+
+// Tensor is one input or output of INFER: a dtype, a shape and the elements
+// in C order. Build one with protocol.NewFloat32, NewInt64, NewBool, NewBF16
+// and the other typed constructors, read it with Float32s, Int64s and so on;
+// goclient/npy reads and writes them as NumPy .npy files. Name an input to
+// bind it by name, or leave every input unnamed to bind them by position.
+type Tensor = protocol.Tensor
+
+// Metadata is the served model's signature, as METADATA returns it.
+type Metadata = protocol.Metadata
+
+// Infer calls the served model with inputs and returns its outputs in
+// signature order, each named, their data owned by the caller. The server
+// checks the inputs against the model's signature; a mismatch is a
+// *protocol.Error with its code (BAD_INPUT, BAD_DTYPE, BAD_SHAPE), a model
+// failure INTERNAL. A tensor that cannot be encoded at all (BAD_TENSOR,
+// BAD_DTYPE) fails here without a round trip, and so does a request over
+// the transport's limit (ErrTooLarge).
+func (c *Client) Infer(ctx context.Context, inputs ...Tensor) ([]Tensor, error) {
+	if len(inputs) == 0 {
+		return nil, &protocol.Error{Code: protocol.CodeBadTensor, Message: fmt.Sprintf("INFER carries 1..%d tensors, not 0", protocol.MaxTensors)}
+	}
+	body, err := protocol.AppendTensorList(nil, inputs)
+	if err != nil {
+		return nil, err
+	}
+	var outputs []Tensor
+	err = c.roundTrip(ctx, protocol.TypeInfer, body, func(reply []byte) error {
+		// One copy of the reply, which the decoded tensors then alias.
+		decoded, err := protocol.DecodeTensorList(bytes.Clone(reply))
+		if err != nil {
+			return fmt.Errorf("%w: INFER reply: %v", protocol.ErrProtocolViolation, err)
+		}
+		for i, t := range decoded {
+			if t.Name == "" {
+				return fmt.Errorf("%w: INFER reply: output %d has no name", protocol.ErrProtocolViolation, i)
+			}
+		}
+		outputs = decoded
+		return nil
+	})
+	return outputs, err
+}
+
+// Metadata returns the served model's signature. A model without one has
+// no inputs and outputs, and answers Infer with UNSUPPORTED.
+func (c *Client) Metadata(ctx context.Context) (Metadata, error) {
+	var m Metadata
+	err := c.roundTrip(ctx, protocol.TypeMetadata, nil, func(reply []byte) error {
+		var err error
+		m, err = protocol.DecodeMetadata(reply)
+		return err
+	})
+	return m, err
 }

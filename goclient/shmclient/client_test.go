@@ -395,3 +395,38 @@ func TestCallFallsBackWhenOthersHoldEverySlot(t *testing.T) {
 		t.Fatalf("Echo with every slot held and no fallback = %v, want ErrNoFreeSlot", err)
 	}
 }
+
+// A reply that breaks section 3.1 is a protocol violation, not a result:
+// a malformed TensorList, an unnamed output, a signature no server holds.
+func TestInferAndMetadataRefuseMalformedReplies(t *testing.T) {
+	unnamed, _ := protocol.AppendTensorList(nil, []protocol.Tensor{protocol.NewUint8([]int{1}, []uint8{7})})
+	named, _ := protocol.AppendTensorList(nil, []protocol.Tensor{protocol.NewUint8([]int{1}, []uint8{7}).WithName("y")})
+	for _, tc := range []struct {
+		what            string
+		infer, metadata []byte
+		inferOK, metaOK bool
+	}{
+		{"valid", named, []byte(`{"name": "m", "inputs": [{"name": "x", "datatype": "UINT8", "shape": [1]}]}`), true, true},
+		{"malformed", named[:len(named)-1], []byte(`{"name": `), false, false},
+		{"unnamed output, signature with a bad dtype", unnamed, []byte(`{"inputs": [{"name": "x", "datatype": "FP128", "shape": [1]}]}`), false, false},
+	} {
+		addr := startStreamServer(t, func(_ context.Context, typ protocol.MsgType, body []byte) []ringtest.Message {
+			if typ == protocol.TypeInfer {
+				return []ringtest.Message{{Type: typ, Body: tc.infer}}
+			}
+			return []ringtest.Message{{Type: typ, Body: tc.metadata}}
+		})
+		client := dial(t, addr)
+		outputs, err := client.Infer(testCtx(t), protocol.NewUint8([]int{1}, []uint8{7}))
+		if tc.inferOK != (err == nil) || (err != nil && !errors.Is(err, protocol.ErrProtocolViolation)) {
+			t.Errorf("%s: Infer = %v, %v", tc.what, outputs, err)
+		}
+		if err == nil && (len(outputs) != 1 || outputs[0].Name != "y" || !bytes.Equal(outputs[0].Data, []byte{7})) {
+			t.Errorf("%s: Infer = %v", tc.what, outputs)
+		}
+		m, err := client.Metadata(testCtx(t))
+		if tc.metaOK != (err == nil) || (err != nil && !errors.Is(err, protocol.ErrProtocolViolation)) {
+			t.Errorf("%s: Metadata = %+v, %v", tc.what, m, err)
+		}
+	}
+}

@@ -211,6 +211,12 @@ func TestCrossLanguageUnsupportedByEchoModel(t *testing.T) {
 		if _, err := client.ClassifyScores(testCtx(t), make([]byte, protocol.ImageBytes)); !errors.Is(err, protocol.ErrUnsupported) {
 			t.Errorf("%s: ClassifyScores to the echo model = %v, want UNSUPPORTED", addr, err)
 		}
+		if _, err := client.Infer(testCtx(t), protocol.NewFloat32([]int{1}, []float32{1})); !errors.Is(err, protocol.ErrUnsupported) {
+			t.Errorf("%s: Infer to the echo model = %v, want UNSUPPORTED", addr, err)
+		}
+		if m, err := client.Metadata(testCtx(t)); err != nil || len(m.Inputs) != 0 || len(m.Outputs) != 0 || m.MaxBatchSize != 0 {
+			t.Errorf("%s: Metadata of the echo model = %+v, %v, want no signature", addr, m, err)
+		}
 	}
 }
 

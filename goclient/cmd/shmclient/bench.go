@@ -4,15 +4,18 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"encoding/json"
 	"fmt"
 	"io"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"text/tabwriter"
 	"time"
 
+	"github.com/shmserve/shmserve/goclient/protocol"
 	"github.com/shmserve/shmserve/goclient/shmclient"
 )
 
@@ -20,7 +23,12 @@ const benchSummary = `Measure ECHO round trips of -size bytes against each addre
 (comma-separated), in one run: after -warmup unmeasured requests each, the
 addresses take turns for -reps rounds of -n/-reps requests, so that drift in
 the machine's speed affects them alike. Prints p50/p99/p99.9/mean latency and
-msgs/s per address, and how the second address compares with the first.`
+msgs/s per address, and how the second address compares with the first.
+
+With -infer, the requests are INFER calls of the served model instead, with
+the tensors of the .npy files it lists (comma-separated; FILE.npy binds by
+position, NAME=FILE.npy by name); every reply must have the dtypes and
+shapes of the first. -json prints the results as one JSON object.`
 
 type benchTarget struct {
 	addr    string
@@ -38,6 +46,8 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	concurrency := fs.Int("c", 1, "requests in flight at once per address (goroutines; also the socket pool size)")
 	warmup := fs.Int("warmup", 1000, "unmeasured requests per address before measuring")
 	reps := fs.Int("reps", 5, "rounds the addresses take turns in")
+	inferFiles := fs.String("infer", "", "measure INFER with these .npy inputs (FILE.npy or NAME=FILE.npy, comma-separated) instead of ECHO")
+	asJSON := fs.Bool("json", false, "print the results as JSON")
 	if err := parseArgs(fs, args, 0, 0); err != nil {
 		return err
 	}
@@ -49,8 +59,10 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return err
 	}
 	defer stopServer()
-	payload := make([]byte, *size)
-	rand.Read(payload)
+	request, err := newBenchRequest(*inferFiles, *size)
+	if err != nil {
+		return err
+	}
 
 	var targets []*benchTarget
 	for _, addr := range strings.Split(conn.addr, ",") {
@@ -62,7 +74,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		targets = append(targets, &benchTarget{addr: addr, client: client, latency: newLatencies()})
 	}
 	for _, t := range targets {
-		if _, err := echoLoad(ctx, t.client, *warmup, *concurrency, conn.timeout, payload, nil); err != nil {
+		if _, err := load(ctx, *warmup, *concurrency, conn.timeout, request.call(t.client), nil); err != nil {
 			return fmt.Errorf("%s: warm-up: %w", t.addr, err)
 		}
 	}
@@ -73,20 +85,95 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			n++
 		}
 		for _, t := range targets {
-			elapsed, err := echoLoad(ctx, t.client, n, *concurrency, conn.timeout, payload, t.latency)
+			elapsed, err := load(ctx, n, *concurrency, conn.timeout, request.call(t.client), t.latency)
 			if err != nil {
 				return fmt.Errorf("%s: %w", t.addr, err)
 			}
 			t.busy += elapsed
 		}
 	}
-	printBench(stdout, targets, *size, *concurrency, *reps, conn)
+	if *asJSON {
+		return printBenchJSON(stdout, targets, request, *concurrency, *reps, conn)
+	}
+	printBench(stdout, targets, request, *concurrency, *reps, conn)
 	return nil
 }
 
-// echoLoad sends requests echoes from concurrency goroutines, each with its
-// own timeout, checking every reply, and returns the wall time they took.
-func echoLoad(ctx context.Context, client *shmclient.Client, requests, concurrency int, timeout time.Duration, payload []byte, latency *latencies) (time.Duration, error) {
+// benchRequest is what bench sends: an ECHO of random bytes, or an INFER.
+type benchRequest struct {
+	op     string // "echo" or "infer"
+	what   string // for humans: "echo 3072 bytes", "infer x.npy (FP32[1 3072])"
+	bytes  int    // the request body
+	echo   []byte
+	inputs []shmclient.Tensor
+}
+
+func newBenchRequest(inferFiles string, size int) (benchRequest, error) {
+	if inferFiles == "" {
+		payload := make([]byte, size)
+		rand.Read(payload)
+		return benchRequest{op: "echo", what: fmt.Sprintf("echo %d bytes", size), bytes: size, echo: payload}, nil
+	}
+	var named namedInputs
+	var positional []string
+	for _, arg := range strings.Split(inferFiles, ",") {
+		if strings.Contains(arg, "=") {
+			if err := named.Set(arg); err != nil {
+				return benchRequest{}, err
+			}
+		} else {
+			positional = append(positional, arg)
+		}
+	}
+	inputs, err := readInputs(named, positional)
+	if err != nil {
+		return benchRequest{}, err
+	}
+	body, err := protocol.AppendTensorList(nil, inputs)
+	if err != nil {
+		return benchRequest{}, err
+	}
+	return benchRequest{op: "infer", what: fmt.Sprintf("infer %s %v (%d bytes)", inferFiles, inputs, len(body)),
+		bytes: len(body), inputs: inputs}, nil
+}
+
+// call returns one request of this kind to client, checking its reply.
+func (r benchRequest) call(client *shmclient.Client) func(context.Context) error {
+	if r.op == "echo" {
+		return func(ctx context.Context) error {
+			reply, err := client.Echo(ctx, r.echo)
+			if err == nil && !bytes.Equal(reply, r.echo) {
+				err = fmt.Errorf("reply of %d bytes differs from the %d-byte request", len(reply), len(r.echo))
+			}
+			return err
+		}
+	}
+	// Outputs may differ in value from call to call (a batch of other
+	// requests may round differently), never in kind.
+	var first []shmclient.Tensor
+	var once sync.Once
+	return func(ctx context.Context) error {
+		outputs, err := client.Infer(ctx, r.inputs...)
+		if err != nil {
+			return err
+		}
+		once.Do(func() { first = outputs })
+		if !sameKind(outputs, first) {
+			return fmt.Errorf("outputs %v, the first reply had %v", outputs, first)
+		}
+		return nil
+	}
+}
+
+func sameKind(a, b []shmclient.Tensor) bool {
+	return slices.EqualFunc(a, b, func(x, y shmclient.Tensor) bool {
+		return x.Name == y.Name && x.DType == y.DType && slices.Equal(x.Shape, y.Shape)
+	})
+}
+
+// load makes requests calls from concurrency goroutines, each with its own
+// timeout, and returns the wall time they took; the first error stops it.
+func load(ctx context.Context, requests, concurrency int, timeout time.Duration, call func(context.Context) error, latency *latencies) (time.Duration, error) {
 	// The first failure stops every goroutine, in flight or not.
 	ctx, stop := context.WithCancel(ctx)
 	defer stop()
@@ -101,12 +188,9 @@ func echoLoad(ctx context.Context, client *shmclient.Client, requests, concurren
 			for next.Add(1) <= int64(requests) {
 				callCtx, cancel := context.WithTimeout(ctx, timeout)
 				sent := time.Now()
-				reply, err := client.Echo(callCtx, payload)
+				err := call(callCtx)
 				took := time.Since(sent)
 				cancel()
-				if err == nil && !bytes.Equal(reply, payload) {
-					err = fmt.Errorf("reply of %d bytes differs from the %d-byte request", len(reply), len(payload))
-				}
 				if err != nil {
 					errOnce.Do(func() {
 						firstErr = err
@@ -125,9 +209,9 @@ func echoLoad(ctx context.Context, client *shmclient.Client, requests, concurren
 	return time.Since(start), firstErr
 }
 
-func printBench(w io.Writer, targets []*benchTarget, size, concurrency, reps int, conn connectionFlags) {
-	fmt.Fprintf(w, "echo %d bytes, %d in flight, %d interleaved rounds, GOMAXPROCS=%d, NumCPU=%d, shm spin %v\n",
-		size, concurrency, reps, runtime.GOMAXPROCS(0), runtime.NumCPU(), conn.spin)
+func printBench(w io.Writer, targets []*benchTarget, request benchRequest, concurrency, reps int, conn connectionFlags) {
+	fmt.Fprintf(w, "%s, %d in flight, %d interleaved rounds, GOMAXPROCS=%d, NumCPU=%d, shm spin %v\n",
+		request.what, concurrency, reps, runtime.GOMAXPROCS(0), runtime.NumCPU(), conn.spin)
 	table := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(table, "address\ttransport\trequests\tp50\tp99\tp99.9\tmean\tmsgs/s\t")
 	for _, t := range targets {
@@ -144,6 +228,39 @@ func printBench(w io.Writer, targets []*benchTarget, size, concurrency, reps int
 		fmt.Fprintf(w, "%s vs %s: latency %.1fx lower at p50, %.1fx at p99, %.1fx at p99.9; %.1fx the msgs/s\n",
 			first.client.Transport(), second.client.Transport(), ratio(50), ratio(99), ratio(99.9), first.rate()/second.rate())
 	}
+}
+
+// printBenchJSON prints what printBench does, for programs (bench/infer.py).
+func printBenchJSON(w io.Writer, targets []*benchTarget, request benchRequest, concurrency, reps int, conn connectionFlags) error {
+	type result struct {
+		Addr      string  `json:"addr"`
+		Transport string  `json:"transport"`
+		Requests  int64   `json:"requests"`
+		P50       int64   `json:"p50_ns"`
+		P99       int64   `json:"p99_ns"`
+		P999      int64   `json:"p999_ns"`
+		Mean      int64   `json:"mean_ns"`
+		Rate      float64 `json:"msgs_per_s"`
+	}
+	out := struct {
+		Op           string   `json:"op"`
+		Request      string   `json:"request"`
+		RequestBytes int      `json:"request_bytes"`
+		Concurrency  int      `json:"concurrency"`
+		Reps         int      `json:"reps"`
+		GOMAXPROCS   int      `json:"gomaxprocs"`
+		SpinNS       int64    `json:"spin_ns"`
+		Results      []result `json:"results"`
+	}{Op: request.op, Request: request.what, RequestBytes: request.bytes, Concurrency: concurrency, Reps: reps,
+		GOMAXPROCS: runtime.GOMAXPROCS(0), SpinNS: int64(conn.spin)}
+	for _, t := range targets {
+		out.Results = append(out.Results, result{
+			Addr: t.addr, Transport: t.client.Transport(), Requests: t.latency.count(),
+			P50: int64(t.latency.quantile(50)), P99: int64(t.latency.quantile(99)), P999: int64(t.latency.quantile(99.9)),
+			Mean: int64(t.latency.mean()), Rate: t.rate(),
+		})
+	}
+	return json.NewEncoder(w).Encode(out)
 }
 
 func (t *benchTarget) rate() float64 { return float64(t.latency.count()) / t.busy.Seconds() }

@@ -3,6 +3,8 @@
 //	shmclient echo     [flags] TEXT           send TEXT, print the reply
 //	shmclient classify [flags] FILE|DIR...    classify PNG/JPEG images
 //	shmclient prompt   [flags] TEXT           generate text, optionally streamed
+//	shmclient infer    [flags] [FILE.npy...]  call the model with .npy inputs
+//	shmclient metadata [flags]                print the model's signature
 //	shmclient bench    [flags]                compare transports' latency and throughput
 //
 // Every subcommand takes -addr (shm://NAME, unix:///path or tcp://host:port)
@@ -38,7 +40,9 @@ var commands = []command{
 	{"echo", "[flags] TEXT", "send TEXT and print the reply; with -c or -n, check every reply", runEcho},
 	{"classify", "[flags] FILE|DIR...", "classify PNG/JPEG images (DIRs are walked) and print `path label` lines", runClassify},
 	{"prompt", "[flags] TEXT", "generate text from TEXT, printing chunks as they stream", runPrompt},
-	{"bench", "[flags]", "measure echo latency and throughput of one or more transports", runBench},
+	{"infer", "[flags] [FILE.npy...]", "call the model with INFER on .npy inputs; print or save (-out) the outputs", runInfer},
+	{"metadata", "[flags]", "print the model's signature (METADATA) as JSON", runMetadata},
+	{"bench", "[flags]", "measure ECHO (or INFER, -infer) latency and throughput of one or more transports", runBench},
 }
 
 // errUsage marks a bad command line; its message has already been printed.
@@ -140,7 +144,10 @@ func (f *connectionFlags) dial(ctx context.Context, addr string, conns int, stde
 // parseArgs parses flags and checks the count of positional arguments.
 func parseArgs(fs *flag.FlagSet, args []string, minArgs, maxArgs int) error {
 	if err := fs.Parse(args); err != nil {
-		return err
+		if errors.Is(err, flag.ErrHelp) {
+			return err
+		}
+		return errUsage // flag has printed the error and the usage
 	}
 	if n := fs.NArg(); n < minArgs || (maxArgs >= 0 && n > maxArgs) {
 		fs.Usage()

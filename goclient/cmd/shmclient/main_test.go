@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"image"
@@ -18,6 +19,7 @@ import (
 
 	"github.com/shmserve/shmserve/goclient/internal/crosstest"
 	"github.com/shmserve/shmserve/goclient/internal/ring/ringtest"
+	"github.com/shmserve/shmserve/goclient/npy"
 	"github.com/shmserve/shmserve/goclient/protocol"
 )
 
@@ -236,4 +238,100 @@ func TestSpawnFailureShowsTheServersError(t *testing.T) {
 		t.Fatalf("echo -spawn with a bad argument: %q %d", stderr, status)
 	}
 	crosstest.AssertNoRingObjects(t, name)
+}
+
+// fakeModel answers METADATA with a one-input signature and INFER with its
+// inputs, each named out<i>, as a served model would.
+func fakeModel(_ context.Context, typ protocol.MsgType, body []byte) []ringtest.Message {
+	switch typ {
+	case protocol.TypeMetadata:
+		return []ringtest.Message{{Type: typ, Body: []byte(`{"name": "fake", "platform": "shmserve", "versions": ["1"],
+			"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 3]}],
+			"outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 3]}], "max_batch_size": 8}`)}}
+	case protocol.TypeInfer:
+		tensors, err := protocol.DecodeTensorList(body)
+		if err == nil {
+			for i := range tensors {
+				if tensors[i].Name == "" {
+					tensors[i].Name = fmt.Sprintf("out%d", i)
+				}
+			}
+			body, err = protocol.AppendTensorList(nil, tensors)
+		}
+		if err != nil {
+			return []ringtest.Message{{Type: protocol.TypeError, Body: protocol.AppendErrorBody(nil, &protocol.Error{Code: protocol.CodeBadTensor, Message: err.Error()})}}
+		}
+		return []ringtest.Message{{Type: typ, Body: body}}
+	}
+	return []ringtest.Message{{Type: typ, Body: body}}
+}
+
+func TestInferReadsAndWritesNpy(t *testing.T) {
+	addr := startServerWith(t, fakeModel)
+	dir := t.TempDir()
+	x := protocol.NewFloat32([]int{2, 3}, []float32{1, 2.5, -3, 4, 5, 6})
+	ids := protocol.NewInt64([]int{12}, []int64{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11})
+	for name, tensor := range map[string]protocol.Tensor{"x.npy": x, "ids.npy": ids} {
+		if err := npy.WriteFile(filepath.Join(dir, name), tensor); err != nil {
+			t.Fatal(err)
+		}
+	}
+	out := t.TempDir()
+	stdout, stderr, status := runCLI(t, "infer", "-addr", addr, "-out", out, filepath.Join(dir, "x.npy"), filepath.Join(dir, "ids.npy"))
+	lines := strings.Split(strings.TrimSpace(stdout), "\n")
+	if status != 0 || len(lines) != 3 || lines[0] != "out0 FP32 [2 3] [1 2.5 -3 4 5 6]" ||
+		lines[1] != "out1 INT64 [12] [0 1 2 3 4 5 6 7 ...]" || !strings.HasPrefix(lines[2], "2 output(s) over shm in ") {
+		t.Fatalf("infer: %q %q %d", stdout, stderr, status)
+	}
+	for name, want := range map[string]protocol.Tensor{"out0.npy": x, "out1.npy": ids} {
+		got, err := npy.ReadFile(filepath.Join(out, name))
+		if err != nil || got.DType != want.DType || !slices.Equal(got.Shape, want.Shape) || !bytes.Equal(got.Data, want.Data) {
+			t.Errorf("%s: %v, %v", name, got, err)
+		}
+	}
+	stdout, stderr, status = runCLI(t, "infer", "-addr", addr, "-input", "x="+filepath.Join(dir, "x.npy"))
+	if status != 0 || !strings.HasPrefix(stdout, "x FP32 [2 3] [1 2.5 -3 4 5 6]\n") {
+		t.Fatalf("infer -input: %q %q %d", stdout, stderr, status)
+	}
+	if _, stderr, status := runCLI(t, "infer", "-addr", addr, filepath.Join(dir, "missing.npy")); status != 1 || !strings.Contains(stderr, "missing.npy") {
+		t.Fatalf("infer of a missing file: %q %d", stderr, status)
+	}
+	if _, stderr, status := runCLI(t, "infer", "-addr", addr); status != 2 || !strings.Contains(stderr, "usage: shmclient infer") {
+		t.Fatalf("infer without inputs: %q %d", stderr, status)
+	}
+	if _, stderr, status := runCLI(t, "infer", "-addr", addr, "-input", "noequals"); status != 2 || !strings.Contains(stderr, "NAME=FILE.npy") {
+		t.Fatalf("infer -input without NAME=: %q %d", stderr, status)
+	}
+}
+
+func TestMetadataPrintsTheSignature(t *testing.T) {
+	stdout, stderr, status := runCLI(t, "metadata", "-addr", startServerWith(t, fakeModel))
+	var m protocol.Metadata
+	if err := json.Unmarshal([]byte(stdout), &m); status != 0 || err != nil || m.Name != "fake" || m.MaxBatchSize != 8 ||
+		len(m.Inputs) != 1 || m.Inputs[0].DType != protocol.DTypeFP32 || !slices.Equal(m.Inputs[0].Shape, []int{-1, 3}) {
+		t.Fatalf("metadata: %q %q %d (%v)", stdout, stderr, status, err)
+	}
+}
+
+func TestBenchMeasuresInferAsJSON(t *testing.T) {
+	addr := startServerWith(t, fakeModel)
+	file := filepath.Join(t.TempDir(), "x.npy")
+	if err := npy.WriteFile(file, protocol.NewFloat32([]int{1, 3072}, make([]float32, 3072))); err != nil {
+		t.Fatal(err)
+	}
+	stdout, stderr, status := runCLI(t, "bench", "-addr", addr, "-infer", file, "-n", "300", "-warmup", "20", "-c", "2", "-reps", "2", "-json")
+	var result struct {
+		Op           string `json:"op"`
+		RequestBytes int    `json:"request_bytes"`
+		Results      []struct {
+			Requests int64   `json:"requests"`
+			P50      int64   `json:"p50_ns"`
+			Rate     float64 `json:"msgs_per_s"`
+		} `json:"results"`
+	}
+	if err := json.Unmarshal([]byte(stdout), &result); status != 0 || err != nil || result.Op != "infer" ||
+		result.RequestBytes != 64+3072*4 || len(result.Results) != 1 || result.Results[0].Requests != 300 ||
+		result.Results[0].P50 <= 0 || result.Results[0].Rate <= 0 {
+		t.Fatalf("bench -infer -json: %q %q %d (%v)", stdout, stderr, status, err)
+	}
 }
