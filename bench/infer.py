@@ -42,6 +42,7 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCH))
 
+from shmserve.launch import ServerExited, ServerProcess  # noqa: E402
 from run import git, machine_info  # noqa: E402  (bench/run.py: the same facts in every report)
 
 SHMCLIENT = BENCH / "build" / "shmclient"
@@ -98,31 +99,19 @@ def build_shmclient() -> None:
                    check=True)
 
 
-class Server:
-    """`shmserve serve` for one entry over shm, stopped (SIGTERM) on exit."""
-
-    def __init__(self, entry: Entry, name: str, log_path: Path):
-        # Slots that hold a whole batch each way, so that no reply spans frames; 16 of
-        # them (> the concurrency) keep the ring's memory small.
-        slot = 1 << (int(np.prod(entry.batch)) * np.dtype(entry.dtype).itemsize + 4096).bit_length()
-        argv = [str(Path(sys.executable).parent / "shmserve"), "serve", "--model", entry.target,
-                "--transport", "shm", "--name", name, "--slots", "16",
-                "--slot-request-bytes", str(slot), "--slot-reply-bytes", str(slot)]
-        for key, value in entry.options.items():
-            argv += ["--model-option", f"{key}={value}"]
-        self.log = open(log_path, "wb")
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.log, cwd=ROOT)
-        line = self.proc.stdout.readline()
-        if not line.startswith(b'{"event": "ready"'):
-            self.stop()
-            raise BenchError(f"{entry.key}: server did not start; see {log_path}")
-        self.ready = json.loads(line)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=15)
-        self.log.close()
+def start_server(entry: Entry, name: str) -> ServerProcess:
+    """`shmserve serve` for one entry over shm."""
+    # Slots that hold a whole batch each way, so that no reply spans frames; 16 of them
+    # (> the concurrency) keep the ring's memory small.
+    slot = 1 << (int(np.prod(entry.batch)) * np.dtype(entry.dtype).itemsize + 4096).bit_length()
+    argv = ["--model", entry.target, "--transport", "shm", "--slots", "16",
+            "--slot-request-bytes", str(slot), "--slot-reply-bytes", str(slot)]
+    for key, value in entry.options.items():
+        argv += ["--model-option", f"{key}={value}"]
+    try:
+        return ServerProcess(*argv, name=name, cwd=str(ROOT), ready_timeout=180)
+    except (ServerExited, TimeoutError) as exc:
+        raise BenchError(f"{entry.key}: server did not start: {exc}") from None
 
 
 def go_bench(addr: str, n: int, warmup: int, concurrency: int, extra: list[str]) -> dict:
@@ -159,8 +148,8 @@ def measure(entry: Entry, config: Config, tmp: Path, rng: random.Random) -> dict
     batch_array = entry.array(entry.batch)
     np.save(batch, batch_array)
     rows = entry.batch[0]
-    server = Server(entry, f"bench-infer-{os.getpid()}-{entry.key}", tmp / f"{entry.key}.log")
-    addr = f"shm://{server.ready['name']}"
+    server = start_server(entry, f"bench-infer-{os.getpid()}-{entry.key}")
+    addr = server.ready.address("shm")
     reps = []
     try:
         infer_bytes = go_bench(addr, 1, 0, 1, ["-infer", str(single)])["request_bytes"]
@@ -185,7 +174,7 @@ def measure(entry: Entry, config: Config, tmp: Path, rng: random.Random) -> dict
             got["throughput_ratio"] = got["served_rows_per_s"] / got["inprocess_rows_per_s"]
             reps.append(got)
     finally:
-        server.stop()
+        server.cleanup()
 
     def median(*path):
         return statistics.median(functools.reduce(lambda v, key: v[key], path, r) for r in reps)

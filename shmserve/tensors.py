@@ -21,6 +21,7 @@ Decoding never copies tensor data: each input is a numpy view of the body it cam
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import struct
 from typing import Mapping, Sequence
@@ -51,11 +52,12 @@ class DType:
     name: str  # the KServe v2 datatype name
     numpy: str  # a numpy dtype string, little-endian; "" for bfloat16 (resolved lazily)
 
-    @property
+    # Cached: these are read per tensor per request, and building a numpy dtype is not free.
+    @functools.cached_property
     def np(self) -> np.dtype:
         return _bfloat16() if self.name == "BF16" else np.dtype(self.numpy)
 
-    @property
+    @functools.cached_property
     def size(self) -> int:
         return 2 if self.name == "BF16" else np.dtype(self.numpy).itemsize
 
@@ -71,17 +73,27 @@ BY_CODE = {d.code: d for d in DTYPES}
 BY_NAME = {d.name: d for d in DTYPES}
 
 
+# numpy dtype -> DType for every dtype already seen: dtype_of runs per tensor per request.
+_BY_NUMPY: dict[np.dtype, DType] = {}
+
+
 def dtype_of(value) -> DType:
-    """The DType for a KServe name ("FP32"), a numpy dtype or anything numpy accepts ("float32")."""
+    """The DType for a KServe name ("FP32"), a numpy dtype or anything numpy accepts ("float32",
+    and "bfloat16" whether or not ml_dtypes was imported yet)."""
     if isinstance(value, DType):
         return value
-    if isinstance(value, str) and value.upper() in BY_NAME:
-        return BY_NAME[value.upper()]
+    known = _BY_NUMPY.get(value) if isinstance(value, np.dtype) else None
+    if known is not None:
+        return known
+    if isinstance(value, str):
+        if value.upper() in BY_NAME:
+            return BY_NAME[value.upper()]
+        if value.lower() == "bfloat16":
+            return BY_NAME["BF16"]
     kind = np.dtype(value)
-    if kind.name == "bfloat16":
-        return BY_NAME["BF16"]
     for d in DTYPES:
-        if d.numpy and np.dtype(d.numpy) == kind.newbyteorder("<"):
+        if d.np == kind.newbyteorder("<") and (d.name == "BF16") == (kind.name == "bfloat16"):
+            _BY_NUMPY[kind] = d
             return d
     raise ValueError(f"dtype {kind} has no protocol code; use one of "
                      f"{', '.join(d.name for d in DTYPES)}")

@@ -28,11 +28,11 @@ func startExampleModel(t *testing.T, factory string) []string {
 		t.Fatal(err)
 	}
 	server := crosstest.Start(t, sidecar.Config{
-		Model: file + ":" + factory, Transport: "shm,uds,tcp", Name: crosstest.UniqueName(), MaxRestartsPerMinute: -1,
+		Model: file + ":" + factory, Transport: "shm,unix,tcp", Name: crosstest.UniqueName(), MaxRestartsPerMinute: -1,
 		Args: []string{"--socket", filepath.Join(crosstest.SocketDir(t), "s.sock"), "--tcp-port", "0"},
 	})
 	ready := server.Ready()
-	return []string{ready.Addr("shm"), ready.Addr("uds"), ready.Addr("tcp")}
+	return []string{ready.Addr("shm"), ready.Addr("unix"), ready.Addr("tcp")}
 }
 
 // checkTensors fails unless got is want exactly: names, dtypes, shapes and
