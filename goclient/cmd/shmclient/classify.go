@@ -37,20 +37,15 @@ func runClassify(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	if err := parseArgs(flags, args, 1, -1); err != nil {
 		return err
 	}
-	ctx, stopServer, err := conn.startServer(ctx, stderr)
-	if err != nil {
-		return err
-	}
-	defer stopServer()
 	paths, err := expandPaths(flags.Args())
 	if err != nil {
 		return err
 	}
-	client, err := conn.dial(ctx, conn.addr, max(*workers, 1), stderr)
+	ctx, client, closeClient, err := conn.connect(ctx, max(*workers, 1), stderr)
 	if err != nil {
 		return err
 	}
-	defer client.Close()
+	defer closeClient()
 
 	type result struct {
 		line string

@@ -27,16 +27,11 @@ func runEcho(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if *goroutines < 1 || *count < 1 {
 		return fmt.Errorf("-c and -n must be at least 1")
 	}
-	ctx, stopServer, err := conn.startServer(ctx, stderr)
+	ctx, client, closeClient, err := conn.connect(ctx, *goroutines, stderr)
 	if err != nil {
 		return err
 	}
-	defer stopServer()
-	client, err := conn.dial(ctx, conn.addr, *goroutines, stderr)
-	if err != nil {
-		return err
-	}
-	defer client.Close()
+	defer closeClient()
 
 	if *goroutines == 1 && *count == 1 {
 		callCtx, cancel := context.WithTimeout(ctx, conn.timeout)

@@ -77,16 +77,11 @@ func runInfer(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if err != nil {
 		return err
 	}
-	ctx, stopServer, err := conn.startServer(ctx, stderr)
+	ctx, client, closeClient, err := conn.connect(ctx, 1, stderr)
 	if err != nil {
 		return err
 	}
-	defer stopServer()
-	client, err := conn.dial(ctx, conn.addr, 1, stderr)
-	if err != nil {
-		return err
-	}
-	defer client.Close()
+	defer closeClient()
 	callCtx, cancel := context.WithTimeout(ctx, conn.timeout)
 	defer cancel()
 	start := time.Now()
@@ -176,16 +171,11 @@ func runMetadata(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	if err := parseArgs(fs, args, 0, 0); err != nil {
 		return err
 	}
-	ctx, stopServer, err := conn.startServer(ctx, stderr)
+	ctx, client, closeClient, err := conn.connect(ctx, 1, stderr)
 	if err != nil {
 		return err
 	}
-	defer stopServer()
-	client, err := conn.dial(ctx, conn.addr, 1, stderr)
-	if err != nil {
-		return err
-	}
-	defer client.Close()
+	defer closeClient()
 	callCtx, cancel := context.WithTimeout(ctx, conn.timeout)
 	defer cancel()
 	m, err := client.Metadata(callCtx)

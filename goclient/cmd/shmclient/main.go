@@ -125,6 +125,22 @@ func (f *connectionFlags) startServer(ctx context.Context, stderr io.Writer) (co
 	return f.spawn.start(ctx, f.addr, stderr)
 }
 
+// connect is every single-address subcommand's prologue: the server for
+// -spawn, then a client of -addr with conns connections. The func closes the
+// client, then stops that server.
+func (f *connectionFlags) connect(ctx context.Context, conns int, stderr io.Writer) (context.Context, *shmclient.Client, func(), error) {
+	ctx, stopServer, err := f.startServer(ctx, stderr)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	client, err := f.dial(ctx, f.addr, conns, stderr)
+	if err != nil {
+		stopServer()
+		return nil, nil, nil, err
+	}
+	return ctx, client, func() { client.Close(); stopServer() }, nil
+}
+
 func (f *connectionFlags) dial(ctx context.Context, addr string, conns int, stderr io.Writer) (*shmclient.Client, error) {
 	ctx, cancel := context.WithTimeout(ctx, f.timeout)
 	defer cancel()

@@ -19,16 +19,11 @@ func runPrompt(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if err := parseArgs(fs, args, 1, 1); err != nil {
 		return err
 	}
-	ctx, stopServer, err := conn.startServer(ctx, stderr)
+	ctx, client, closeClient, err := conn.connect(ctx, 1, stderr)
 	if err != nil {
 		return err
 	}
-	defer stopServer()
-	client, err := conn.dial(ctx, conn.addr, 1, stderr)
-	if err != nil {
-		return err
-	}
-	defer client.Close()
+	defer closeClient()
 	ctx, cancel := context.WithTimeout(ctx, conn.timeout)
 	defer cancel()
 	if !*stream {
