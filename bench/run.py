@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as dt
-import glob
 import importlib.metadata
 import json
 import os
@@ -48,6 +47,10 @@ from hdrh.histogram import HdrHistogram
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
+sys.path.insert(0, str(ROOT))
+
+from shmserve import layout as L  # noqa: E402
+from shmserve.ready import Ready, parse_ready  # noqa: E402
 BUILD = BENCH / "build"
 PINGPONG = BUILD / "pingpong"
 GOBENCH = BUILD / "gobench"
@@ -90,7 +93,7 @@ ECHO_TRANSPORTS = (
     Transport("shm-spin", "shm ring, spin then block"),
     Transport("shm-spin-1p", "shm ring, spin then block, client GOMAXPROCS=1"),
     Transport("shm-block", "shm ring, block only"),
-    Transport("uds", "Unix socket, classic packets"),
+    Transport("unix", "Unix socket, classic packets"),
     Transport("tcp", "TCP loopback, classic packets"),
     Transport("http-uvicorn", "HTTP/JSON, uvicorn (bare ASGI)"),
     Transport("http-flask", "HTTP/JSON, Flask + gunicorn sync"),
@@ -130,13 +133,13 @@ class Server:
             str(ROOT), os.environ.get("PYTHONPATH")]))}
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self._log, cwd=ROOT,
                                      env=env, start_new_session=True)
-        self.ready: dict | None = None
+        self.ready: Ready | None = None
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
-    def wait_ready(self, timeout: float) -> dict:
+    def wait_ready(self, timeout: float) -> Ready:
         deadline = time.monotonic() + timeout
         while self.ready is None:
             left = deadline - time.monotonic()
@@ -150,10 +153,8 @@ class Server:
                 self.proc.wait()
                 raise BenchError(f"{self.name}: exited with status {self.proc.returncode} "
                                  f"before it was ready\n{self.log_tail()}")
-            with contextlib.suppress(ValueError):
-                message = json.loads(line)
-                if isinstance(message, dict) and message.get("event") == "ready":
-                    self.ready = message
+            with contextlib.suppress(ValueError):  # a line of its own logging: read on
+                self.ready = parse_ready(line.decode("utf-8", "replace"))
         return self.ready
 
     def log_tail(self, lines: int = 8) -> str:
@@ -176,11 +177,9 @@ class Server:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.stdout.close()
         self._log.close()
-        leftovers = [path for ring in self.ring_names for pattern in (
-            f"/dev/shm/shmserve.{ring}", f"/dev/shm/shmserve.{ring}.lock",
-            f"/dev/shm/sem.shmserve.{ring}.*") for path in glob.glob(pattern)]
-        if self.socket_path:
-            leftovers += glob.glob(self.socket_path)
+        leftovers = [path for ring in self.ring_names for path in L.ring_files(ring)]
+        if self.socket_path and os.path.lexists(self.socket_path):
+            leftovers.append(self.socket_path)
         for path in leftovers:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
@@ -209,13 +208,13 @@ class ModelSection:
     server: dict | None = None
 
 
-MODEL_TRANSPORTS = ("shm", "uds", "http")
+MODEL_TRANSPORTS = ("shm", "unix", "http")
 # A ring client that stops spinning before the model answers pays a semaphore wake-up on top
 # (tens of µs on a VM), so single-image classify is also measured with a client spin budget
 # that outlasts the model call: what a latency-bound caller would configure.
 LONG_SPIN_US = 500.0
 TARGET_LABELS = {"shm": "shm", "shm-long": f"shm, client spin {LONG_SPIN_US:.0f} µs",
-                 "uds": "uds", "http": "http"}
+                 "unix": "unix", "http": "http"}
 CLASSIFY_BATCH = 64
 CLASSIFY_CONC = 16
 PROMPT, PROMPT_STEPS = "Hello there", 16
@@ -291,7 +290,7 @@ def start_servers(stack: contextlib.ExitStack, config: Config, tmp: Path,
         return s
 
     echo = server("shmserve-echo", [*SHMSERVE, "serve", "--model", "echo", "--transport",
-                                    "shm,uds,tcp,http", "--name", spin_name, "--socket",
+                                    "shm,unix,tcp,http", "--name", spin_name, "--socket",
                                     socket_path, "--port", "0", "--tcp-port", "0", "--spin-us",
                                     str(SPIN_US), *geometry],
                   ring_names=[spin_name], socket_path=socket_path)
@@ -314,7 +313,7 @@ def start_servers(stack: contextlib.ExitStack, config: Config, tmp: Path,
             ring_names=[name], socket_path=sock)
 
     conns = max(config.concs)
-    e, flask_url = echo.wait_ready(60), flask.wait_ready(60)["http"]
+    e, flask_url = echo.wait_ready(60), flask.wait_ready(60).address("http")
     block.wait_ready(60)
     # Each server leads its own session, so its pid is its process group.
     targets = {
@@ -324,11 +323,11 @@ def start_servers(stack: contextlib.ExitStack, config: Config, tmp: Path,
         "shm-spin-1p": {"url": f"shm://{spin_name}", "spin_us": SPIN_US, "server_pgid": echo.pid,
                         "gomaxprocs": 1},
         "shm-block": {"url": f"shm://{block_name}", "spin_us": 0, "server_pgid": block.pid},
-        "uds": {"url": f"unix://{e['socket']}", "conns": conns, "server_pgid": echo.pid},
-        "tcp": {"url": f"tcp://{e['tcp']}", "conns": conns, "server_pgid": echo.pid},
-        "http-uvicorn": {"url": e["http"], "conns": conns, "server_pgid": echo.pid},
+        "unix": {"url": e.address("unix"), "conns": conns, "server_pgid": echo.pid},
+        "tcp": {"url": e.address("tcp"), "conns": conns, "server_pgid": echo.pid},
+        "http-uvicorn": {"url": e.address("http"), "conns": conns, "server_pgid": echo.pid},
         "http-flask": {"url": flask_url, "conns": conns, "server_pgid": flask.pid},
-        "grpc": {"url": f"grpc://{grpc.wait_ready(60)['grpc']}", "conns": conns,
+        "grpc": {"url": grpc.wait_ready(60).address("grpc"), "conns": conns,
                  "server_pgid": grpc.pid},
     }
     for section in sections:
@@ -342,12 +341,12 @@ def start_servers(stack: contextlib.ExitStack, config: Config, tmp: Path,
             section.skipped = f"`shmserve serve --model {section.key}` did not start: {last}"
             s.stop()
             continue
-        section.server = ready
+        section.server = dataclasses.asdict(ready)
         for t, spec in {
-            "shm": {"url": f"shm://{ready['name']}", "spin_us": SPIN_US},
-            "shm-long": {"url": f"shm://{ready['name']}", "spin_us": LONG_SPIN_US},
-            "uds": {"url": f"unix://{ready['socket']}", "conns": conns},
-            "http": {"url": ready["http"], "conns": conns},
+            "shm": {"url": ready.address("shm"), "spin_us": SPIN_US},
+            "shm-long": {"url": ready.address("shm"), "spin_us": LONG_SPIN_US},
+            "unix": {"url": ready.address("unix"), "conns": conns},
+            "http": {"url": ready.address("http"), "conns": conns},
         }.items():
             targets[f"{section.key}-{t}"] = spec | {"server_pgid": s.pid}
     servers = [echo, block, flask, grpc, *model_servers.values()]
@@ -544,14 +543,14 @@ def goals(results: Results, cifar: ModelSection) -> list[Goal]:
     return [
         ratio_goal("shm-vs-spin-floor", "shm echo p50 at 3072 B <= 2.0x the C spin floor",
                    echo("shm-spin"), [echo("floor-spin")], 2.0, True),
-        ratio_goal("shm-vs-uds", "shm echo p50 at 3072 B >= 8x faster than the Unix socket",
-                   echo("uds"), [echo("shm-spin")], 8.0, False),
+        ratio_goal("shm-vs-unix", "shm echo p50 at 3072 B >= 8x faster than the Unix socket",
+                   echo("unix"), [echo("shm-spin")], 8.0, False),
         ratio_goal("block-vs-sem-floor", "block-only shm echo p50 at 3072 B <= 1.5x the C "
                    "semaphore floor", echo("shm-block"), [echo(f) for f in SEM_FLOORS], 1.5, True),
         ratio_goal("shm-throughput", "shm echo at 3072 B, 16 in flight >= 500k msgs/s",
                    echo("shm-spin", 16), [], 500.0, False, "per_s", "k/s"),
-        ratio_goal("shm-vs-uds-throughput", "shm echo at 3072 B, 16 in flight >= 5x the Unix "
-                   "socket's", echo("shm-spin", 16), [echo("uds", 16)], 5.0, False, "per_s"),
+        ratio_goal("shm-vs-unix-throughput", "shm echo at 3072 B, 16 in flight >= 5x the Unix "
+                   "socket's", echo("shm-spin", 16), [echo("unix", 16)], 5.0, False, "per_s"),
         ratio_goal("classify-vs-inprocess", f"classify p50 over shm (client spin "
                    f"{LONG_SPIN_US:.0f} µs) <= 1.10x in-process predict_one p50",
                    ("cifar-shm-long", "classify", IMAGE, 1),
@@ -680,7 +679,7 @@ def markdown(report: dict, results: Results, goal_list: list[Goal], config: Conf
                 + f" | {fmt_us(top.p(50) if top else None)} |")
         lines.append("")
     lines += ["## Models", "",
-              "Each model's server runs shm, uds and http; `x in-process` divides a p50 by the "
+              "Each model's server runs shm, unix and http; `x in-process` divides a p50 by the "
               "in-process call's p50 measured in the same run; items/s counts images for "
               "classify, calls otherwise.", ""]
     for section in sections:

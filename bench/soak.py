@@ -21,15 +21,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import glob
-import json
 import mmap
 import os
 import platform
 import re
-import select
 import shlex
-import signal
 import struct
 import subprocess
 import sys
@@ -39,6 +35,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from shmserve import layout as L  # noqa: E402
+from shmserve.launch import ServerProcess  # noqa: E402
 
 SUMMARY = re.compile(r"(\d+) replies over (\S+) from (\d+) goroutines in (\S+) \(([\d.]+) msgs/s\): "
                      r"(\d+) mismatched")
@@ -61,19 +58,9 @@ def build_shmclient(out: str) -> str:
     return out
 
 
-def start_server(name: str, socket_path: str, extra: list[str]) -> tuple[subprocess.Popen, dict]:
-    argv = [sys.executable, "-m", "shmserve.cli", "serve", "--model", "echo", "--transport",
-            "shm", "--name", name, "--socket", socket_path, *extra]
-    log = open(os.path.join(REPO, "bench", "results", "tmp", f"soak-server-{name}.log"), "w")
-    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if select.select([proc.stdout], [], [], 0.2)[0]:
-            return proc, json.loads(proc.stdout.readline())
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited {proc.returncode}; see {log.name}")
-    proc.kill()
-    raise TimeoutError("server did not report ready")
+def start_server(name: str, socket_path: str, extra: list[str]) -> ServerProcess:
+    return ServerProcess("--model", "echo", "--transport", "shm", *extra, name=name,
+                         socket=socket_path, cwd=REPO, ready_timeout=60)
 
 
 class Doorbell:
@@ -89,11 +76,7 @@ class Doorbell:
 
 
 def ring_objects(name: str) -> list[str]:
-    exact = re.compile(re.escape(f"sem.shmserve.{name}.") + r"(req|s\d+)")
-    return sorted([p for p in glob.glob(f"/dev/shm/shmserve.{glob.escape(name)}*")
-                   if os.path.basename(p) in (f"shmserve.{name}", f"shmserve.{name}.lock")] +
-                  [p for p in glob.glob(f"/dev/shm/sem.shmserve.{glob.escape(name)}.*")
-                   if exact.fullmatch(os.path.basename(p))])
+    return L.ring_files(name)
 
 
 def flatness(samples: list[dict], key: str, who: str) -> tuple[float, float, float]:
@@ -133,8 +116,9 @@ def main() -> int:
     binary = args.shmclient or build_shmclient(os.path.join(REPO, "bench", "results", "tmp",
                                                             "shmclient"))
     name = f"soak{os.getpid()}"
-    socket_path = f"/tmp/shmserve.{name}.sock"
-    server, ready = start_server(name, socket_path, args.server_args.split())
+    socket_path = L.default_socket_path(name)
+    server = start_server(name, socket_path, args.server_args.split())
+    ready = server.ready
     shares = [args.requests // args.procs + (i < args.requests % args.procs)
               for i in range(args.procs)]
     clients = []
@@ -174,12 +158,11 @@ def main() -> int:
         for c in clients:
             if c.poll() is None:
                 c.kill()
-        server.send_signal(signal.SIGTERM)
         try:
-            server_rc = server.wait(30)
+            server_rc = server.stop(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
-            server_rc = server.wait()
+            server_rc = server.proc.wait()
     leftovers = ring_objects(name) + ([socket_path] if os.path.exists(socket_path) else [])
 
     replies = mismatched = 0
@@ -247,7 +230,7 @@ def report(args, ready, samples, final, elapsed, client_rows, checks) -> str:
         f"- machine: {cpu}, {os.cpu_count()} CPUs, Linux {platform.release()}",
         f"- command: `.venv/bin/python bench/soak.py {shlex.join(sys.argv[1:])}`",
         f"- server: `shmserve serve --model echo --transport shm {args.server_args}`".rstrip() +
-        f" ({ready.get('slots')} slots), generation {ready.get('generation')}",
+        f" ({ready['shm']['slots']} slots), generation {ready['shm']['generation']}",
         f"- clients: {args.procs} `shmclient echo` processes x {args.goroutines} goroutines, "
         f"per-call deadline {args.timeout}, spin {args.spin}, echo text of "
         f"{max(args.text_bytes, 7)} bytes plus the request's suffix",

@@ -3,17 +3,18 @@ under gunicorn's sync worker, the way the pre-shmserve sidecar was deployed.
 
     python bench/servers/flask_echo.py [--workers N]
 
-Binds 127.0.0.1 on a free port and prints one JSON line, ``{"event": "ready", "http": URL}``,
+Binds 127.0.0.1 on a free port and prints one JSON line, the ready line of spec/PROTOCOL.md section 14 (a ``http`` transport),
 once gunicorn accepts connections, like ``shmserve serve`` does. One worker by default: the
 shmserve sidecar under test is one Python process too.
 """
 from __future__ import annotations
 
 import argparse
-import json
 
 from flask import Flask, jsonify, request
 from gunicorn.app.base import BaseApplication
+
+from shmserve.ready import ready_line
 
 app = Flask(__name__)
 
@@ -38,7 +39,8 @@ class _Gunicorn(BaseApplication):
 
 def _announce(server) -> None:
     host, port = server.LISTENERS[0].sock.getsockname()[:2]
-    print(json.dumps({"event": "ready", "pid": server.pid, "http": f"http://{host}:{port}"}),
+    print(ready_line(server.pid, {"model": "echo", "server": "flask"},
+                     {"http": {"address": f"http://{host}:{port}", "host": host, "port": port}}),
           flush=True)
 
 

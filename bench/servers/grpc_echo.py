@@ -9,18 +9,19 @@ number measures gRPC's transport (HTTP/2 framing, grpcio's C core and its thread
 rather than protobuf encoding, the same thing the other transports are measured on. The Go
 side matches this with a raw-bytes codec.
 
-Prints one JSON line, ``{"event": "ready", "grpc": "host:port"}``, once serving.
+Prints one JSON line, the ready line of spec/PROTOCOL.md section 14 (a ``grpc`` transport), once serving.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import threading
 from concurrent import futures
 
 import grpc
+
+from shmserve.ready import ready_line
 
 SERVICE, METHOD = "shmserve.bench.Echo", "Echo"
 MAX_MESSAGE = 16 << 20  # the stream transports' packet limit
@@ -46,7 +47,9 @@ def main() -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     server.start()
-    print(json.dumps({"event": "ready", "pid": os.getpid(), "grpc": f"127.0.0.1:{port}"}),
+    print(ready_line(os.getpid(), {"model": "echo", "server": "grpcio"},
+                     {"grpc": {"address": f"grpc://127.0.0.1:{port}", "host": "127.0.0.1",
+                               "port": port}}),
           flush=True)
     stop.wait()
     server.stop(grace=1).wait()
