@@ -63,6 +63,12 @@
 /* Frames at least this long are copied with the GIL released, so model threads keep
  * running while a large reply is copied; below it releasing costs more than the copy. */
 #define NOGIL_COPY_BYTES (64 * 1024)
+/* Clients post the request semaphore only when its count is 0 (section 10), so a wait that
+ * keeps getting tokens while the doorbell stays put is facing a flooded count (set towards
+ * SEM_VALUE_MAX by someone who can write the ring's files). Draining it would keep a CPU busy
+ * for minutes; past this many stray tokens in one wait the doorbell is polled with naps. */
+#define STRAY_TOKENS_PER_WAIT 4
+#define FLOODED_NAP_NS 1000000
 
 typedef struct {
     uint32_t slot, seq, len, owner;
@@ -91,6 +97,9 @@ typedef struct {
     int rescan;        /* scan at the next poll without waiting */
     int echo_inline;
     atomic_uint notified;
+    /* Read by metrics from any thread, written by the ring thread only. */
+    _Atomic uint64_t inline_echoes;
+    _Atomic uint64_t flooded_waits;
 } RingObject;
 
 /* -- shared-memory words ----------------------------------------------------------------- */
@@ -168,12 +177,24 @@ static void wait_for_bell(RingObject *r, int64_t spin_ns, int64_t block_ns) {
     if (block_ns <= 0) return;
     int64_t give_up = now_ns() + block_ns;
     struct timespec deadline = {(time_t)(give_up / 1000000000), (long)(give_up % 1000000000)};
+    uint32_t stray = 0;
     while (!bell_changed(r)) {
+        if (stray == STRAY_TOKENS_PER_WAIT) {
+            atomic_fetch_add_explicit(&r->flooded_waits, 1, memory_order_relaxed);
+            stray++;
+        }
+        if (stray > STRAY_TOKENS_PER_WAIT) {
+            if (now_ns() >= give_up) return;
+            struct timespec nap = {0, FLOODED_NAP_NS};
+            nanosleep(&nap, NULL);
+            continue;
+        }
         if (sem_clockwait(r->request_sem, CLOCK_MONOTONIC, &deadline) == 0) {
             /* A client stores the doorbell, fences, then reads the count (section 10). The
              * token's acquire alone does not order this thread's decrement before the next
              * doorbell load on arm64; without the fence both sides can miss each other. */
             atomic_thread_fence(memory_order_seq_cst);
+            stray++;
             if (now_ns() >= give_up) return;
         } else if (errno != EINTR) {
             return; /* ETIMEDOUT; EINVAL cannot happen on a semaphore this process opened */
@@ -225,6 +246,9 @@ static void scan(RingObject *r, uint32_t max_ready, uint32_t *n_ready, uint32_t 
             if (r->echo_inline && !watch && type == MSG_ECHO && owner != 0 &&
                 len <= r->req_capacity && len <= r->resp_capacity) {
                 publish(r, slot, seq, id, MSG_ECHO, s + S_DATA, len, 1);
+                atomic_store_explicit(&r->inline_echoes,
+                                      atomic_load_explicit(&r->inline_echoes, memory_order_relaxed) + 1,
+                                      memory_order_relaxed);
                 continue;
             }
             r->ready[n++] = (Ready){slot, seq, len, owner, id, type};
@@ -464,6 +488,14 @@ static int Ring_set_echo_inline(RingObject *r, PyObject *value, void *Py_UNUSED(
     return 0;
 }
 
+static PyObject *Ring_get_inline_echoes(RingObject *r, void *Py_UNUSED(closure)) {
+    return PyLong_FromUnsignedLongLong(atomic_load_explicit(&r->inline_echoes, memory_order_relaxed));
+}
+
+static PyObject *Ring_get_flooded_waits(RingObject *r, void *Py_UNUSED(closure)) {
+    return PyLong_FromUnsignedLongLong(atomic_load_explicit(&r->flooded_waits, memory_order_relaxed));
+}
+
 static sem_t *open_sem(PyObject *name) {
     const char *path = PyUnicode_AsUTF8(name);
     if (!path) return NULL;
@@ -534,6 +566,8 @@ static int Ring_init(RingObject *r, PyObject *args, PyObject *kwds) {
     r->echo_inline = 1;
     r->rescan = 0;
     atomic_init(&r->notified, 0);
+    atomic_init(&r->inline_echoes, 0);
+    atomic_init(&r->flooded_waits, 0);
     return 0;
 fail:
     release(r);
@@ -574,6 +608,10 @@ static PyMethodDef Ring_methods[] = {
 static PyGetSetDef Ring_getset[] = {
     {"echo_inline", (getter)Ring_get_echo_inline, (setter)Ring_set_echo_inline,
      "answer ECHO requests in poll() without returning them (off while stopping)", NULL},
+    {"inline_echoes", (getter)Ring_get_inline_echoes, NULL,
+     "ECHO requests answered in poll() since the ring was opened", NULL},
+    {"flooded_waits", (getter)Ring_get_flooded_waits, NULL,
+     "waits that met a flooded request semaphore and polled the doorbell with naps", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

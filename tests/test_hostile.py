@@ -342,6 +342,28 @@ def test_a_request_semaphore_forced_to_its_maximum_keeps_the_heartbeat_and_recla
     assert "crashed" not in server.stderr, server.stderr
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def test_a_flooded_request_semaphore_does_not_keep_a_cpu_busy(start_server):
+    """Every timed wait on a count at SEM_VALUE_MAX returns a token at once: the idle loop
+    took tokens at full speed, a whole CPU for the minutes the count would take to drain."""
+    server = start_server("--model", "echo", "--transport", "shm", "--slots", "2")
+    force_semaphore_to_max(server.name, "req")
+    time.sleep(2 * L.HEARTBEAT_INTERVAL_S)  # a wait already blocked times out once
+    before, start = cpu_seconds(server.proc.pid), time.monotonic()
+    time.sleep(1.5)
+    share = (cpu_seconds(server.proc.pid) - before) / (time.monotonic() - start)
+    assert share < 0.2, f"a flooded idle server used {share:.0%} of a CPU"
+    client = RingClient(server.name, slots=range(0, 2))
+    started = time.monotonic()
+    assert client.echo(b"still serving", timeout=3) == b"still serving"
+    assert time.monotonic() - started < 0.5
+    client.close()
+
+
 # -- the sockets ------------------------------------------------------------------------------
 
 def tcp_address(server):
