@@ -61,19 +61,19 @@ def _from_json(data: list, dtype: tensors.DType, shape: list[int], where: str) -
     flat = _flatten(data)
     count = math.prod(shape)
     if len(flat) != count:
-        raise _http_error(ErrorCode.BAD_TENSOR, f"{where}{len(flat)} values in 'data', shape {shape} "
-                   f"holds {count}")
+        raise _http_error(ErrorCode.BAD_TENSOR,
+                          f"{where}{len(flat)} values in 'data', shape {shape} holds {count}")
     allowed = _json_types(dtype)
     wrong = next((v for v in flat if type(v) not in allowed), None)
     if wrong is not None:
-        raise _http_error(ErrorCode.BAD_DTYPE, f"{where}value {json.dumps(wrong)[:40]} in 'data' is "
-                   f"not a {dtype.name}")
+        raise _http_error(ErrorCode.BAD_DTYPE,
+                          f"{where}value {json.dumps(wrong)[:40]} in 'data' is not a {dtype.name}")
     try:
         with np.errstate(over="ignore"):  # a float beyond the dtype's range is inf, as in C
             return np.array(flat, dtype.np).reshape(shape)
     except OverflowError:
-        raise _http_error(ErrorCode.BAD_ARGUMENT, f"{where}a value in 'data' is out of range for "
-                   f"{dtype.name}") from None
+        raise _http_error(ErrorCode.BAD_ARGUMENT,
+                          f"{where}a value in 'data' is out of range for {dtype.name}") from None
 
 
 class KServe:
@@ -152,8 +152,9 @@ class KServe:
             name, array, used = self._input(index, entry, binary, used)
             pairs.append((name, array))
         if used != len(binary):
-            raise _http_error(ErrorCode.BAD_TENSOR, f"{len(binary) - used} bytes after the JSON header "
-                       f"are not claimed by any input's binary_data_size")
+            raise _http_error(ErrorCode.BAD_TENSOR,
+                              f"{len(binary) - used} bytes after the JSON header "
+                              f"are not claimed by any input's binary_data_size")
         selected = self._outputs(request)
         try:
             encoded = tensors.encode(pairs)
@@ -171,9 +172,10 @@ class KServe:
         # At most 20 digits: int() refuses a few thousand, and no body is that long anyway.
         if (len(values) > 1 or not values[0].isdigit() or len(values[0]) > 20
                 or int(values[0]) > len(body)):
-            raise _http_error(ErrorCode.BAD_LENGTH, f"Inference-Header-Content-Length "
-                       f"{b', '.join(values).decode('latin-1')!r} is not one length within the "
-                       f"{len(body)}-byte body")
+            given = b", ".join(values).decode("latin-1")
+            raise _http_error(ErrorCode.BAD_LENGTH,
+                              f"Inference-Header-Content-Length {given[:40]!r} is not one "
+                              f"length within the {len(body)}-byte body")
         length = int(values[0])
         view = memoryview(body)
         return _json_object(view[:length]), view[length:]
@@ -190,27 +192,32 @@ class KServe:
         shape = _json_field(entry, "shape", list, where)
         if len(shape) > tensors.MAX_RANK or any(
                 type(d) is not int or not 0 <= d <= tensors.MAX_DIM for d in shape):
-            raise _http_error(ErrorCode.BAD_SHAPE, f"{where}shape {json.dumps(shape)[:80]} needs rank "
-                       f"<= {tensors.MAX_RANK} and dims 0..{tensors.MAX_DIM}")
+            raise _http_error(ErrorCode.BAD_SHAPE,
+                              f"{where}shape {json.dumps(shape)[:80]} needs rank "
+                              f"<= {tensors.MAX_RANK} and dims 0..{tensors.MAX_DIM}")
         datatype = _json_field(entry, "datatype", str, where)
         dtype = tensors.BY_NAME.get(datatype)
         if dtype is None:
-            raise _http_error(ErrorCode.BAD_DTYPE, f"{where}datatype {datatype[:40]!r} is not served; "
-                       f"use one of {', '.join(tensors.BY_NAME)}")
+            raise _http_error(ErrorCode.BAD_DTYPE,
+                              f"{where}datatype {datatype[:40]!r} is not served; "
+                              f"use one of {', '.join(tensors.BY_NAME)}")
         size = _parameters(entry, where).get("binary_data_size")
         if size is None:
             return name, _from_json(_json_field(entry, "data", list, where), dtype, shape,
                                     where), used
         if type(size) is not int or "data" in entry:
-            raise _http_error(ErrorCode.BAD_ARGUMENT, f"{where}binary_data_size must be an int, and "
-                       f"the input then has no 'data'")
+            raise _http_error(ErrorCode.BAD_ARGUMENT,
+                              f"{where}binary_data_size must be an int, and "
+                              f"the input then has no 'data'")
         want = math.prod(shape) * dtype.size
         if size != want:
-            raise _http_error(ErrorCode.BAD_TENSOR, f"{where}binary_data_size {size}, but "
-                       f"{dtype.name}{shape} is {want} bytes")
+            raise _http_error(ErrorCode.BAD_TENSOR,
+                              f"{where}binary_data_size {size}, but "
+                              f"{dtype.name}{shape} is {want} bytes")
         if used + size > len(binary):
-            raise _http_error(ErrorCode.BAD_TENSOR, f"{where}binary data ends at byte {used + size}, "
-                       f"past the {len(binary)} bytes after the JSON header")
+            raise _http_error(ErrorCode.BAD_TENSOR,
+                              f"{where}binary data ends at byte {used + size}, "
+                              f"past the {len(binary)} bytes after the JSON header")
         array = np.frombuffer(binary[used:used + size], dtype.np).reshape(shape)
         return name, array, used + size
 
@@ -238,8 +245,9 @@ class KServe:
             selected = dict.fromkeys(by_name, selected)
         unknown = [name for name in selected if name not in by_name]
         if unknown:
-            raise _http_error(ErrorCode.BAD_INPUT, f"no output named {unknown[0]!r}; the model "
-                       f"returns {', '.join(by_name)}")
+            raise _http_error(ErrorCode.BAD_INPUT,
+                              f"no output named {unknown[0]!r}; the model "
+                              f"returns {', '.join(by_name)}")
         described, chunks = [], []
         for name, binary in selected.items():
             array = by_name[name]
