@@ -1,12 +1,14 @@
 """HTTP/JSON transport (spec section 12): the classic ``/echo`` and ``/prompt`` endpoints,
 plus ``/classify`` and ``/healthz``, as a bare ASGI app under uvicorn (no framework: it is
-the latency path of last resort, and routing four paths needs none)."""
+the latency path of last resort, and routing a handful of paths needs none). The Open
+Inference Protocol's ``/v2`` paths (section 12.1) are routed to ``kserve``."""
 from __future__ import annotations
 
 import asyncio
 import contextvars
 import json
 import logging
+import operator
 import threading
 
 from ..dispatch import Request
@@ -80,9 +82,15 @@ def _error_body(code: int, message: str) -> dict:
 
 
 class HttpError(Exception):
-    def __init__(self, status: int, code: int, message: str):
+    """``code`` is None only for a /v2 routing error, which has no protocol code to name."""
+
+    def __init__(self, status: int, code: int | None, message: str):
         super().__init__(message)
-        self.status, self.body = status, _error_body(code, message)
+        self.status, self.code, self.message = status, code, message
+
+    @property
+    def body(self) -> dict:
+        return _error_body(self.code, self.message)
 
 
 def _http_error(code: int, message: str) -> HttpError:
@@ -91,14 +99,27 @@ def _http_error(code: int, message: str) -> HttpError:
 
 class App:
     def __init__(self, dispatcher):
+        from .kserve import KServe  # it builds on this module's helpers: import once whole
+
         self.dispatcher = dispatcher
         self.routes = {("POST", "/echo"): self.echo, ("POST", "/prompt"): self.prompt,
                        ("POST", "/classify"): self.classify, ("GET", "/healthz"): self.health}
+        self.kserve = KServe(self)
+
+    def _route(self, scope):
+        handler = self.routes.get((scope["method"], scope["path"]))
+        if handler is None:
+            known = any(path == scope["path"] for _, path in self.routes)
+            raise HttpError(405 if known else 404, ErrorCode.UNKNOWN_TYPE,
+                            f"{scope['method']} {scope['path']} is not served")
+        return handler
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return
-        handler = self.routes.get((scope["method"], scope["path"]))
+        # KServe clients read errors as {"error": string}, the classic ones as an object.
+        v2 = self.kserve.serves(scope["path"])
+        error_body = self.kserve.error_body if v2 else operator.attrgetter("body")
         exchange = _Exchange(receive)
         _exchange.set(exchange)
         started = False
@@ -109,19 +130,16 @@ class App:
             await send(message)
 
         try:
-            if handler is None:
-                known = any(path == scope["path"] for _, path in self.routes)
-                raise HttpError(405 if known else 404, ErrorCode.UNKNOWN_TYPE,
-                                f"{scope['method']} {scope['path']} is not served")
+            handler = self.kserve.route(scope) if v2 else self._route(scope)
             body = await self._read_body(receive)
             await handler(body, send_tracked)
         except HttpError as exc:
-            await _send_json(send, exc.status, exc.body)
+            await _send_json(send, exc.status, error_body(exc))
         except Exception as exc:  # a bug of ours: still the spec's JSON error, not text/plain
             log.exception("%s %s failed", scope["method"], scope["path"])
             if not started:
-                await _send_json(send, 500, _error_body(ErrorCode.INTERNAL,
-                                                        f"{type(exc).__name__}: {exc}"))
+                await _send_json(send, 500, error_body(HttpError(
+                    500, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")))
         finally:
             exchange.close()
 
@@ -216,25 +234,30 @@ def _json_object(body) -> dict:
     return value
 
 
-def _json_field(body, key: str, kind: type):
+def _json_field(body, key: str, kind: type, where: str = ""):
+    """``body[key]`` if it is a ``kind``; ``where`` ("input 'x': ") says whose field it is."""
     value = _json_object(body).get(key)
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise _http_error(ErrorCode.BAD_ARGUMENT, f"field {key!r} must be a {kind.__name__}")
+        raise _http_error(ErrorCode.BAD_ARGUMENT, f"{where}field {key!r} must be a "
+                          f"{kind.__name__}")
     if kind is str:
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as exc:  # JSON's \ud800 escapes decode to lone surrogates
-            raise _http_error(ErrorCode.INVALID_UTF8, f"field {key!r} is not valid Unicode at "
-                              f"character {exc.start}") from None
+            raise _http_error(ErrorCode.INVALID_UTF8, f"{where}field {key!r} is not valid "
+                              f"Unicode at character {exc.start}") from None
     return value
 
 
 async def _send_json(send, status: int, value: dict) -> None:
-    body = json.dumps(value).encode()
+    await _send_body(send, status, json.dumps(value).encode(), b"application/json")
+
+
+async def _send_body(send, status: int, body, content_type: bytes, headers=()) -> None:
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
+                "headers": [(b"content-type", content_type),
+                            (b"content-length", str(len(body)).encode()), *headers]})
+    await send({"type": "http.response.body", "body": bytes(body)})
 
 
 def _guarded_protocol(gate: ConnectionGate, admit_peer, header_timeout: float,
