@@ -67,6 +67,10 @@ def _add_serve(sub) -> None:
                    "serves whoever can connect, every local user included")
     p.add_argument("--group-access", action="store_true",
                    help="create the ring, semaphores and socket 0660 instead of 0600")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus /metrics on this port (on --metrics-host); without it, "
+                   "metrics are served only at the HTTP transport's /metrics, when it runs")
+    p.add_argument("--metrics-host", default="127.0.0.1")
     limits = p.add_argument_group("connection limits (unix, tcp, http)")
     limits.add_argument("--packet-timeout", type=float, default=10.0,
                         help="unix/tcp: seconds a client may take to finish a packet it started, "
@@ -152,7 +156,12 @@ def _serve(args) -> int:
     except models.ModelLoadError as exc:
         print(f"shmserve: error: --model {args.model}: {exc}", file=sys.stderr)
         return 2
-    dispatcher = Dispatcher(model, max_batch=args.max_batch, batch_wait_us=args.batch_wait_us)
+    metrics = None
+    if "http" in names or args.metrics_port is not None:
+        from .metrics import Metrics
+        metrics = Metrics(model.name)
+    dispatcher = Dispatcher(model, max_batch=args.max_batch, batch_wait_us=args.batch_wait_us,
+                            metrics=metrics)
     started = []
     try:
         for name in names:
@@ -166,8 +175,15 @@ def _serve(args) -> int:
             return 0
         for transport in started:
             transport.set_ready()
+        metrics_url = None
+        if args.metrics_port is not None:
+            port = metrics.serve(args.metrics_host, args.metrics_port)
+            metrics_url = f"http://{args.metrics_host}:{port}/metrics"
+        elif metrics is not None:
+            metrics_url = started[names.index("http")].describe()["address"] + "/metrics"
         print(ready_line(os.getpid(), model.describe(),
-                         {name: t.describe() for name, t in zip(names, started)}), flush=True)
+                         {name: t.describe() for name, t in zip(names, started)},
+                         metrics=metrics_url), flush=True)
         # A timed wait: a signal that lands on another thread only sets the flag, and an
         # untimed Event.wait in the main thread would then never look at it again.
         while not stop.wait(0.5):
@@ -176,6 +192,8 @@ def _serve(args) -> int:
     finally:
         for transport in reversed(started):
             transport.stop()
+        if metrics is not None:
+            metrics.close()
         model.close()
     return 0
 

@@ -52,18 +52,30 @@ def _header_key(body) -> tuple[int, bytes] | None:
 class Request(abc.ABC):
     """One request as read by a transport. ``body`` is valid until ``release``."""
 
-    __slots__ = ("msg_type", "body", "done")
+    __slots__ = ("msg_type", "body", "done", "_recorder", "_started_ns")
 
-    def __init__(self, msg_type: int, body):
+    def __init__(self, msg_type: int, body, recorder=None):
         self.msg_type = msg_type
         self.body = body
         self.done = False
+        self._recorder = recorder  # a metrics.Recorder, when metrics are served
+        if recorder is not None:
+            self._started_ns = recorder.begin()
 
     def reply(self, msg_type: int, payload, final: bool = True) -> None:
         if self.done:
             raise RuntimeError("reply after the final reply")
         self.done = final
         self._send(msg_type, payload, final)
+        if final and self._recorder is not None:
+            self.counted(payload[0] | payload[1] << 8 if msg_type == MsgType.ERROR else 0)
+
+    def counted(self, code: int) -> None:
+        """Counts the request's outcome in the metrics, once: at its final reply, or where its
+        transport ended it without one (a cancelled or superseded ring request)."""
+        recorder, self._recorder = self._recorder, None
+        if recorder is not None:
+            recorder.end(self.msg_type, code, self._started_ns)
 
     def fail(self, code: ErrorCode, message: str) -> None:
         if not self.done:
@@ -106,9 +118,11 @@ def check_model(model) -> None:
 
 
 class Dispatcher:
-    def __init__(self, model: Model, *, max_batch: int = 64, batch_wait_us: float = 0.0):
+    def __init__(self, model: Model, *, max_batch: int = 64, batch_wait_us: float = 0.0,
+                 metrics=None):
         check_model(model)
         self.model = model
+        self.metrics = metrics  # a metrics.Metrics, or None when none are served
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_us / 1e6
         self.signature = model.signature
@@ -240,7 +254,12 @@ class Dispatcher:
             self._arrived.clear()
             self._arrived.wait(remaining)
 
+    def recorder(self, transport: str):
+        """The metrics.Recorder a transport hands its requests, or None without metrics."""
+        return self.metrics.recorder(transport) if self.metrics is not None else None
+
     def _submit(self, batch: list[Call]) -> None:
+        started = time.perf_counter()
         try:
             self.model.submit(batch)
         except ProtocolError as exc:
@@ -249,6 +268,8 @@ class Dispatcher:
             log.exception("model %s failed on %d call(s)", self.model.name, len(batch))
             self._fail_unanswered(batch, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
         finally:
+            if self.metrics is not None:
+                self.metrics.model_call(len(batch), time.perf_counter() - started)
             for call in batch:
                 self._release(call)
 

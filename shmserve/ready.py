@@ -15,6 +15,7 @@ class Ready:
     model: dict
     # transport name (shm, unix, tcp, http) -> {"address": ..., and its details}
     transports: dict[str, dict]
+    metrics: str | None = None  # the Prometheus /metrics URL, when metrics are served
 
     def address(self, transport: str) -> str:
         """The address a client dials for ``transport`` (shm://NAME, unix://PATH,
@@ -29,9 +30,13 @@ class Ready:
         return self.transports[transport]
 
 
-def ready_line(pid: int, model: dict, transports: dict[str, dict]) -> str:
-    return json.dumps({"event": "ready", "ready_version": READY_VERSION, "pid": pid,
-                       "model": model, "transports": transports})
+def ready_line(pid: int, model: dict, transports: dict[str, dict],
+               metrics: str | None = None) -> str:
+    line = {"event": "ready", "ready_version": READY_VERSION, "pid": pid, "model": model,
+            "transports": transports}
+    if metrics is not None:
+        line["metrics"] = metrics
+    return json.dumps(line)
 
 
 def parse_ready(line: str) -> Ready:
@@ -49,5 +54,6 @@ def parse_ready(line: str) -> Ready:
     if not isinstance(transports, dict) or not all(
             isinstance(t, dict) and isinstance(t.get("address"), str) for t in transports.values()):
         raise ValueError(f"ready line without a transports object of addresses: {line.strip()[:200]!r}")
+    metrics = message.get("metrics")
     return Ready(pid=int(message["pid"]), model=message.get("model") or {},
-                 transports=transports)
+                 transports=transports, metrics=metrics if isinstance(metrics, str) else None)

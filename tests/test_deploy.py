@@ -60,6 +60,28 @@ def test_both_containers_share_dev_shm_pids_and_uid(manifest):
     assert sidecar["restartPolicy"] == "Always"  # native sidecar: up before the app
 
 
+def test_dev_shm_size_limit_holds_the_ring_the_sidecar_is_told_to_make(manifest):
+    """The server faults every ring page in at start; a sizeLimit below the ring would make
+    the sidecar exit 2 there, and one far above it is pod memory reserved for nothing."""
+    from kubernetes.utils import parse_quantity
+
+    from shmserve import layout as L
+    from shmserve.cli import _size
+    pod, sidecar, _ = pod_containers(manifest)
+    args = sidecar["args"]
+
+    def flag(name, default):
+        return _size(args[args.index(name) + 1]) if name in args else default
+
+    ring = L.Geometry(flag("--slots", L.DEFAULT_SLOTS),
+                      flag("--slot-request-bytes", L.DEFAULT_REQ_CAPACITY),
+                      flag("--slot-reply-bytes", L.DEFAULT_RESP_CAPACITY)).total_size
+    mount = {m["mountPath"]: m["name"] for m in sidecar["volumeMounts"]}["/dev/shm"]
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount]
+    limit = int(parse_quantity(volume["emptyDir"]["sizeLimit"]))
+    assert ring < limit <= 4 * ring + 64 * 2**20, (ring, limit)
+
+
 def serve_flags() -> set[str]:
     done = subprocess.run([sys.executable, "-m", "shmserve.cli", "serve", "--help"], cwd=REPO,
                           capture_output=True, text=True, timeout=60)

@@ -58,8 +58,8 @@ class HttpRequest(Request):
 
     __slots__ = ("loop", "loop_thread", "queue", "exchange")
 
-    def __init__(self, loop, msg_type: int, body: bytes, exchange: _Exchange):
-        super().__init__(msg_type, body)
+    def __init__(self, loop, msg_type: int, body: bytes, exchange: _Exchange, recorder):
+        super().__init__(msg_type, body, recorder)
         self.loop = loop
         self.loop_thread = threading.get_ident()  # requests are made on the loop's thread
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -102,8 +102,11 @@ class App:
         from .kserve import KServe  # it builds on this module's helpers: import once whole
 
         self.dispatcher = dispatcher
+        self.recorder = dispatcher.recorder("http")
         self.routes = {("POST", "/echo"): self.echo, ("POST", "/prompt"): self.prompt,
                        ("POST", "/classify"): self.classify, ("GET", "/healthz"): self.health}
+        if dispatcher.metrics is not None:
+            self.routes["GET", "/metrics"] = self.metrics
         self.kserve = KServe(self)
 
     def _route(self, scope):
@@ -160,7 +163,8 @@ class App:
         exchange = _exchange.get()
         if self.dispatcher.model.serves_prompts:  # generation runs long: notice a client leaving
             exchange.watch()
-        request = HttpRequest(asyncio.get_running_loop(), msg_type, body, exchange)
+        request = HttpRequest(asyncio.get_running_loop(), msg_type, body, exchange,
+                              self.recorder)
         self.dispatcher.dispatch([request])
         return request
 
@@ -209,6 +213,11 @@ class App:
         [(index, probabilities)] = decode_scores(payload)
         await _send_json(send, 200, {"label": LABELS[index], "index": index,
                                      "probabilities": list(probabilities)})
+
+    async def metrics(self, body, send):
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        await _send_body(send, 200, generate_latest(self.dispatcher.metrics.registry),
+                         CONTENT_TYPE_LATEST.encode())
 
     async def health(self, body, send):
         # Only the name: describe() has file paths, and every local user can ask.

@@ -76,6 +76,24 @@ class RingSquattedError(trust.UntrustedFileError):
     """Another user's file holds one of the ring's names, and this server may not remove it."""
 
 
+class RingDoesNotFitError(RuntimeError):
+    """The shm filesystem has no room for the ring: fail at start, not with SIGBUS later."""
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _does_not_fit(name: str, shm_dir: str, need: int, free: int) -> RingDoesNotFitError:
+    # Whole MiB with room for the semaphores and a neighbour or two.
+    suggest = -(-need // 2**20) + 8
+    return RingDoesNotFitError(
+        f"ring {name!r} needs {_mib(need)} in {shm_dir} but only {_mib(free)} is free; give the "
+        f"shm filesystem at least {suggest} MiB (docker run --shm-size={suggest}m; Kubernetes: "
+        f"an emptyDir with medium: Memory and sizeLimit: {suggest}Mi mounted at {shm_dir}) or "
+        "make the ring smaller (--slots, --slot-request-bytes, --slot-reply-bytes)")
+
+
 class RingObjects:
     """Creates, owns and removes the named objects of one ring (section 11)."""
 
@@ -91,7 +109,7 @@ class RingObjects:
             self._remove_stale()
             self._create()
         except BaseException:
-            self._release_lock(unlink=False)
+            self._release_lock(unlink=True)  # ours while we hold it: stop leaves none either
             raise
 
     def _take_lock(self) -> int:
@@ -177,15 +195,31 @@ class RingObjects:
                 continue
             os.unlink(path)
             removed += 1
+        self.stale_removed = removed
         if removed:
             log.warning("removed %d stale object(s) of a dead server named %r", removed,
                         self.name)
 
     def _create(self) -> None:
         g = self.geometry
+        fs = os.statvfs(self.shm_dir)
+        if fs.f_bavail * fs.f_frsize < g.total_size:
+            raise _does_not_fit(self.name, self.shm_dir, g.total_size, fs.f_bavail * fs.f_frsize)
         shm = posix_ipc.SharedMemory(L.shm_name(self.name), posix_ipc.O_CREX, mode=self.mode,
                                      size=g.total_size)
         try:
+            # ftruncate only reserves a size; a page the tmpfs cannot supply is a SIGBUS at
+            # first touch, under load. Allocate every page now, while failing is cheap.
+            try:
+                os.posix_fallocate(shm.fd, 0, g.total_size)
+            except OSError as exc:
+                shm.close_fd()
+                shm.unlink()
+                if exc.errno != errno.ENOSPC:
+                    raise
+                fs = os.statvfs(self.shm_dir)
+                raise _does_not_fit(self.name, self.shm_dir, g.total_size,
+                                    fs.f_bavail * fs.f_frsize) from None
             os.fchmod(shm.fd, self.mode)  # the umask may have narrowed a group-access mode
             self.inode = os.fstat(shm.fd).st_ino
             self.mm = mmap.mmap(shm.fd, g.total_size)
@@ -261,7 +295,7 @@ class RingRequest(Request):
 
     def __init__(self, transport: "ShmTransport", slot: int, seq: int, req_id: int,
                  msg_type: int, body):
-        super().__init__(msg_type, body)
+        super().__init__(msg_type, body, transport.recorder)
         self.transport = transport
         self.slot = slot
         self.seq = seq
@@ -299,12 +333,13 @@ class _Slot:
             self._flags = flags
             self.ring.watch(self.index, flags)
 
-    def reset(self) -> RingRequest | None:
+    def reset(self, code: ErrorCode = ErrorCode.CANCELLED) -> RingRequest | None:
         """Drops the slot's state; returns the request it ended, marked cancelled so a worker
         still producing for it can stop and its late frames are dropped."""
         request, self.request = self.request, None
         if request is not None:
             request.cancel_flag = True
+            request.counted(code)
         self.frames.clear()
         self.awaiting_ack = False
         self.sync()
@@ -337,6 +372,20 @@ class ShmTransport:
         self._stopping = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"shm:{ring_name}", daemon=True)
+        self.recorder = dispatcher.recorder(self.name)
+        self.slots_in_use = 0
+        self.slots_reclaimed = 0
+        if dispatcher.metrics is not None:
+            dispatcher.metrics.rings.append(self)
+            dispatcher.metrics.stale_objects_removed += self.objects.stale_removed
+
+    @property
+    def inline_echoes(self) -> int:
+        return self._ring.inline_echoes
+
+    @property
+    def flooded_waits(self) -> int:
+        return self._ring.flooded_waits
 
     # -- lifecycle ---------------------------------------------------------------------------
     def describe(self) -> dict:
@@ -521,7 +570,9 @@ class ShmTransport:
                               encode_error(ErrorCode.CANCELLED, "cancelled by the client"), True)
 
     def reclaim_dead_clients(self) -> None:
-        for index, pid in self._ring.owners():
+        owners = self._ring.owners()
+        self.slots_in_use = len(owners)
+        for index, pid in owners:
             # An owner word beyond pid_t (a hostile or torn write) names no process, and
             # os.kill would raise OverflowError and end the ring loop.
             if pid <= _PID_MAX:
@@ -534,6 +585,7 @@ class ShmTransport:
                     continue
             self._slots[index].reset()
             self._ring.reclaim(index)
+            self.slots_reclaimed += 1
             log.warning("reclaimed slot %d from dead client pid %d", index, pid)
 
     # -- stop --------------------------------------------------------------------------------
@@ -546,7 +598,7 @@ class ShmTransport:
     def _finish_stop(self) -> None:
         self._drain_outbox()
         for slot in self._slots:
-            request = slot.reset()
+            request = slot.reset(ErrorCode.SHUTTING_DOWN)
             if request is not None:
                 self._write_frame(slot, request, MsgType.ERROR,
                                   encode_error(ErrorCode.SHUTTING_DOWN, "server is stopping"),

@@ -71,7 +71,7 @@ class StreamRequest(Request):
     __slots__ = ("connection", "_unfinished")
 
     def __init__(self, connection: "Connection", msg_type: int, body: bytes):
-        super().__init__(msg_type, body)
+        super().__init__(msg_type, body, connection.transport.recorder)
         self.connection = connection
         # Held until the final reply has been sent; a lock, since an Event costs several
         # times more to make, and this is per request.
@@ -216,7 +216,11 @@ class Connection:
                     if packet[0] == MsgType.ECHO:
                         # Every model echoes, and the dispatcher would only send the body
                         # back: answered here, as the ring answers it in its native loop.
+                        recorder = transport.recorder
+                        started = recorder.begin() if recorder is not None else 0
                         self.send_packet(MsgType.ECHO, packet[1:])
+                        if recorder is not None:
+                            recorder.end(MsgType.ECHO, 0, started)
                     else:
                         request = StreamRequest(self, packet[0], packet[1:])
                         transport.dispatcher.dispatch([request])
@@ -256,6 +260,7 @@ class StreamTransport:
         self.dispatcher = dispatcher
         self.sock = sock
         self.name = name
+        self.recorder = dispatcher.recorder(name)
         self.gate = ConnectionGate(max_connections, max_peer_connections)
         self.packet_timeout = packet_timeout
         self.idle_timeout = idle_timeout
