@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -90,7 +91,8 @@ class Transport:
 
 
 ECHO_TRANSPORTS = (
-    Transport("shm-spin", "shm ring, spin then block"),
+    Transport("shm-spin", "shm ring, spin then block (metrics on)"),
+    Transport("shm-nometrics", "shm ring, spin then block, metrics off"),
     Transport("shm-spin-1p", "shm ring, spin then block, client GOMAXPROCS=1"),
     Transport("shm-block", "shm ring, block only"),
     Transport("unix", "Unix socket, classic packets"),
@@ -98,7 +100,11 @@ ECHO_TRANSPORTS = (
     Transport("http-uvicorn", "HTTP/JSON, uvicorn (bare ASGI)"),
     Transport("http-flask", "HTTP/JSON, Flask + gunicorn sync"),
     Transport("grpc", "gRPC, grpc-go -> grpcio"),
+    Transport("zmq-ipc", "ZeroMQ over ipc://, zmq4 (Go) -> pyzmq ROUTER"),
+    Transport("nng-ipc", "NNG over ipc://, mangos v3 (Go) -> pynng REP"),
 )
+# The message-library peers: bench/servers/mq_echo.py LIBRARY, and the module it imports.
+MQ_PEERS = {"zmq-ipc": ("zmq", "zmq"), "nng-ipc": ("nng", "pynng")}
 # The floor is the best this machine allows, so each hand-off is measured where it is
 # fastest: spinning on two CPUs (it presumes both sides run at once), blocking both on one
 # CPU and on two (on a VM a wake-up across CPUs goes through the hypervisor and can cost 20x
@@ -294,6 +300,21 @@ def start_servers(stack: contextlib.ExitStack, config: Config, tmp: Path,
                                     socket_path, "--port", "0", "--tcp-port", "0", "--spin-us",
                                     str(SPIN_US), *geometry],
                   ring_names=[spin_name], socket_path=socket_path)
+    # The same ring server as the first without the HTTP transport, hence without metrics:
+    # what the metrics cost the ring is the difference between the two.
+    bare_name = f"{tag}n"
+    bare = server("shmserve-echo-nometrics", [*SHMSERVE, "serve", "--model", "echo",
+                                              "--transport", "shm", "--name", bare_name,
+                                              "--spin-us", str(SPIN_US), *geometry],
+                  ring_names=[bare_name])
+    mq, skipped = {}, {}
+    for key, (library, module) in MQ_PEERS.items():
+        if importlib.util.find_spec(module) is None:
+            skipped[key] = f"Python module {module!r} is not installed (uv sync --group bench)"
+            continue
+        path = str(tmp / f"{library}.ipc")
+        mq[key] = server(f"{library}-echo", [PYTHON, str(BENCH / "servers" / "mq_echo.py"),
+                                             library, "--path", path], socket_path=path)
     block = server("shmserve-echo-block", [*SHMSERVE, "serve", "--model", "echo", "--transport",
                                            "shm", "--name", block_name, "--spin-us", "0",
                                            *geometry], ring_names=[block_name])
@@ -329,7 +350,15 @@ def start_servers(stack: contextlib.ExitStack, config: Config, tmp: Path,
         "http-flask": {"url": flask_url, "conns": conns, "server_pgid": flask.pid},
         "grpc": {"url": grpc.wait_ready(60).address("grpc"), "conns": conns,
                  "server_pgid": grpc.pid},
+        "shm-nometrics": {"url": bare.wait_ready(60).address("shm"), "spin_us": SPIN_US,
+                          "server_pgid": bare.pid},
     }
+    for key, s in mq.items():
+        try:
+            targets[key] = {"url": s.wait_ready(60).address(MQ_PEERS[key][0]),
+                            "server_pgid": s.pid}
+        except BenchError as exc:
+            skipped[key] = str(exc).splitlines()[0]
     for section in sections:
         if section.skipped:
             continue
@@ -349,8 +378,9 @@ def start_servers(stack: contextlib.ExitStack, config: Config, tmp: Path,
             "http": {"url": ready.address("http"), "conns": conns},
         }.items():
             targets[f"{section.key}-{t}"] = spec | {"server_pgid": s.pid}
-    servers = [echo, block, flask, grpc, *model_servers.values()]
-    return {"targets": targets, "servers": {s.name: s.proc.args for s in servers}}
+    servers = [echo, bare, block, flask, grpc, *mq.values(), *model_servers.values()]
+    return {"targets": targets, "skipped": skipped,
+            "servers": {s.name: s.proc.args for s in servers}}
 
 
 # -- measurements ---------------------------------------------------------------------------
@@ -545,6 +575,12 @@ def goals(results: Results, cifar: ModelSection) -> list[Goal]:
                    echo("shm-spin"), [echo("floor-spin")], 2.0, True),
         ratio_goal("shm-vs-unix", "shm echo p50 at 3072 B >= 8x faster than the Unix socket",
                    echo("unix"), [echo("shm-spin")], 8.0, False),
+        ratio_goal("metrics-overhead", "shm echo p50 at 3072 B with metrics on <= 1.03x metrics "
+                   "off", echo("shm-spin"), [echo("shm-nometrics")], 1.03, True),
+        ratio_goal("shm-vs-zmq", "shm echo p50 at 3072 B >= 10x faster than ZeroMQ over ipc",
+                   echo("zmq-ipc"), [echo("shm-spin")], 10.0, False),
+        ratio_goal("shm-vs-nng", "shm echo p50 at 3072 B >= 10x faster than NNG over ipc",
+                   echo("nng-ipc"), [echo("shm-spin")], 10.0, False),
         ratio_goal("block-vs-sem-floor", "block-only shm echo p50 at 3072 B <= 1.5x the C "
                    "semaphore floor", echo("shm-block"), [echo(f) for f in SEM_FLOORS], 1.5, True),
         ratio_goal("shm-throughput", "shm echo at 3072 B, 16 in flight >= 500k msgs/s",
@@ -809,6 +845,9 @@ def main() -> int:
         for section in sections:
             if section.skipped:
                 print(f"SKIP {section.title}: {section.skipped}", file=sys.stderr)
+        for key, why in state["skipped"].items():
+            print(f"SKIP {key}: {why}", file=sys.stderr)
+        keys = [k for k in keys if k not in state["skipped"]]
         cells = echo_cells(config, keys) + [c for s in live for c in s.cells]
         for rep in range(config.reps):
             rng = random.Random(args.seed * 1000 + rep)
@@ -830,7 +869,7 @@ def main() -> int:
         "load": {"start": load_start, "end": os.getloadavg()},
         "config": dataclasses.asdict(config) | {"spin_us": SPIN_US, "slots": SLOTS,
                                                 "seed": args.seed},
-        "servers": state["servers"],
+        "servers": state["servers"], "skipped_transports": state["skipped"],
         "models": {s.key: {"title": s.title, "skipped": s.skipped, "server": s.server}
                    for s in sections},
         "goals": [g.as_dict() for g in goal_list],

@@ -40,7 +40,8 @@ const maxStretch = 30 * time.Second
 
 // TargetSpec names one server endpoint. The URL scheme picks the client:
 // shm://, unix:// and tcp:// use the shmserve Go client library, http:// a
-// net/http JSON client, grpc:// grpc-go.
+// net/http JSON client, grpc:// grpc-go, zmq:///PATH and nng:///PATH
+// ZeroMQ and NNG over ipc://PATH (mq.go).
 type TargetSpec struct {
 	URL string `json:"url"`
 	// SpinUS is the ring client's spin budget; 0 blocks at once.

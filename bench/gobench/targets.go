@@ -49,6 +49,8 @@ func Dial(ctx context.Context, spec TargetSpec) (Target, error) {
 		return newHTTPTarget(spec), nil
 	case "grpc":
 		return newGRPCTarget(u.Host)
+	case "zmq", "nng":
+		return newMQTarget(u.Scheme, u.Path)
 	}
 	return nil, fmt.Errorf("unknown scheme %q", u.Scheme)
 }

@@ -20,6 +20,9 @@ type Ready struct {
 	// Transports holds one entry per transport served: "shm", "unix", "tcp",
 	// "http".
 	Transports map[string]TransportReady `json:"transports"`
+	// Metrics is the URL of the server's Prometheus metrics
+	// (http://HOST:PORT/metrics), or "" when it serves none.
+	Metrics string `json:"metrics,omitempty"`
 }
 
 // TransportReady is one transport's entry of the ready line.
