@@ -67,6 +67,7 @@ type Client struct {
 	fallbackMu   sync.Mutex
 	fallback     transport
 	closed       atomic.Bool
+	counters     counters
 }
 
 // Dial connects to addr: shm://NAME, unix:///path/to.sock or
@@ -74,27 +75,30 @@ type Client struct {
 // READY. With WithFallback, a primary address that cannot be reached is
 // logged and the fallback used instead.
 func Dial(ctx context.Context, addr string, opts ...Option) (*Client, error) {
-	o := defaultOptions()
+	c := &Client{options: defaultOptions()}
+	o := &c.options
 	for _, opt := range opts {
-		opt(&o)
+		opt(o)
 	}
 	if o.fallback != "" && !o.claimPatienceSet {
 		o.ring.ClaimPatience = defaultFallbackPatience
 	}
-	t, err := dialTransport(ctx, addr, o)
+	o.ring.Waits = &c.counters.waits
+	t, err := dialTransport(ctx, addr, *o)
 	if err != nil && o.fallback != "" && ctx.Err() == nil {
 		o.logger.Warn("shmclient: cannot use the primary transport; using the fallback",
 			"addr", addr, "fallback", o.fallback, "err", err)
 		var fallbackErr error
-		if t, fallbackErr = dialTransport(ctx, o.fallback, o); fallbackErr != nil {
+		if t, fallbackErr = dialTransport(ctx, o.fallback, *o); fallbackErr != nil {
 			return nil, fmt.Errorf("shmclient: dial %s: %w; fallback %s: %w", addr, err, o.fallback, fallbackErr)
 		}
+		c.counters.fallbacks.Add(1)
 		err = nil
 	}
 	if err != nil {
 		return nil, fmt.Errorf("shmclient: dial %s: %w", addr, err)
 	}
-	c := &Client{transport: t, options: o}
+	c.transport = t
 	if t.scheme() == "shm" {
 		c.fallbackAddr = o.fallback
 	}
@@ -288,8 +292,20 @@ func (c *Client) roundTrip(ctx context.Context, typ protocol.MsgType, body []byt
 	})
 }
 
-// exchange checks a request as the server would, then sends it.
+// exchange sends a request and counts it for Stats.
 func (c *Client) exchange(ctx context.Context, typ protocol.MsgType, body []byte, onMessage func(protocol.MsgType, []byte) error) error {
+	c.counters.calls[typ].Add(1)
+	c.counters.inFlight.Add(1)
+	defer c.counters.inFlight.Add(-1) // even when onMessage panics
+	err := c.send(ctx, typ, body, onMessage)
+	if err != nil {
+		c.counters.countError(err)
+	}
+	return err
+}
+
+// send checks a request as the server would, then sends it.
+func (c *Client) send(ctx context.Context, typ protocol.MsgType, body []byte, onMessage func(protocol.MsgType, []byte) error) error {
 	if c.closed.Load() {
 		return ErrClosed
 	}
@@ -307,6 +323,7 @@ func (c *Client) exchange(ctx context.Context, typ protocol.MsgType, body []byte
 	if fallbackErr != nil {
 		return fmt.Errorf("%w; fallback %s: %w", err, c.fallbackAddr, fallbackErr)
 	}
+	c.counters.fallbacks.Add(1)
 	return t.exchange(ctx, typ, body, onMessage)
 }
 

@@ -269,6 +269,9 @@ func TestFallbackWhenRingMissing(t *testing.T) {
 	if reply, err := client.Echo(testCtx(t), []byte("x")); err != nil || string(reply) != "x" {
 		t.Fatalf("Echo over the fallback = %q, %v", reply, err)
 	}
+	if s := client.Stats(); s.Fallbacks != 1 || s.Transport != "unix" {
+		t.Fatalf("Stats: %d fallbacks over %q, want Dial's one over unix", s.Fallbacks, s.Transport)
+	}
 }
 
 func TestDialErrors(t *testing.T) {
@@ -390,9 +393,15 @@ func TestCallFallsBackWhenOthersHoldEverySlot(t *testing.T) {
 	if !strings.Contains(logged.String(), "fallback") {
 		t.Fatalf("the fallback was not logged: %q", logged.String())
 	}
+	if s := client.Stats(); s.Fallbacks != 1 || s.Transport != "shm" || len(s.Errors) != 0 {
+		t.Fatalf("Stats: %d fallbacks over %q, errors %v; want one call over the fallback, no error", s.Fallbacks, s.Transport, s.Errors)
+	}
 	noFallback := dial(t, "shm://"+name, WithClaimPatience(20*time.Millisecond))
 	if _, err := noFallback.Echo(ctx, []byte("x")); !errors.Is(err, ErrNoFreeSlot) {
 		t.Fatalf("Echo with every slot held and no fallback = %v, want ErrNoFreeSlot", err)
+	}
+	if errs := noFallback.Stats().Errors; errs["NO_FREE_SLOT"] != 1 || len(errs) != 1 {
+		t.Fatalf("Errors = %v, want one NO_FREE_SLOT", errs)
 	}
 }
 

@@ -36,6 +36,9 @@ type Config struct {
 	// processes hold every one; it then fails with ErrNoFreeSlot. 0: until
 	// the call's context ends.
 	ClaimPatience time.Duration
+	// Waits, when set, counts how the waits for reply frames ended; the
+	// client shares one across ring generations.
+	Waits *WaitCounts
 }
 
 // DefaultConfig spins 50 µs: long enough to catch any reply the server has
@@ -238,6 +241,7 @@ func (r *Ring) initSlots(cfg Config) {
 	}
 	r.claimPatience = cfg.ClaimPatience
 	r.waiter = NewWaiter(cfg.Spin, cfg.LivenessInterval)
+	r.waiter.counts = cfg.Waits
 	r.reaperWaiter = NewWaiter(0, cfg.LivenessInterval)
 }
 

@@ -69,6 +69,20 @@ type Waiter struct {
 	// spin and resets when one succeeds; skipSpins counts the pause down.
 	spinPause atomic.Int32
 	skipSpins atomic.Int32
+
+	// counts, when set, learns how each wait ended; nil for waits nobody
+	// reports on (ringtest's server, the reapers).
+	counts *WaitCounts
+}
+
+// WaitCounts counts how waits went: Spun saw the change without blocking
+// (at once or while spinning), Blocked waited on the semaphore at least
+// once, however it ended. A wait that fails before blocking (its context
+// ended while it spun) counts in neither. Every Waiter given the same
+// WaitCounts adds to it, so counts outlive a ring generation.
+type WaitCounts struct {
+	Spun    atomic.Uint64
+	Blocked atomic.Uint64
 }
 
 // spinWait is one wait in its spin phase.
@@ -106,6 +120,7 @@ func NewWaiter(spin, tick time.Duration) *Waiter {
 // one, and never after Await returns), so it must be cheap.
 func (w *Waiter) Await(ctx context.Context, sem *posixsem.Semaphore, changed func() bool, alive func() error) (err error) {
 	if changed() {
+		w.count(false)
 		return nil
 	}
 	if w.spin > 0 {
@@ -117,6 +132,7 @@ func (w *Waiter) Await(ctx context.Context, sem *posixsem.Semaphore, changed fun
 		}()
 	}
 	if w.spinUntil(ctx, changed) {
+		w.count(false)
 		return nil
 	}
 	if ctx.Done() != nil {
@@ -135,8 +151,11 @@ func (w *Waiter) Await(ctx context.Context, sem *posixsem.Semaphore, changed fun
 		}()
 	}
 	deadline, hasDeadline := ctx.Deadline()
-	for {
+	for blocked := false; ; {
 		if changed() {
+			if !blocked {
+				w.count(false)
+			}
 			return nil
 		}
 		if err := ctx.Err(); err != nil {
@@ -149,6 +168,10 @@ func (w *Waiter) Await(ctx context.Context, sem *posixsem.Semaphore, changed fun
 				return context.DeadlineExceeded
 			}
 		}
+		if !blocked {
+			blocked = true
+			w.count(true)
+		}
 		err := sem.TimedWait(timeout)
 		switch {
 		case errors.Is(err, posixsem.ErrTimeout):
@@ -158,6 +181,16 @@ func (w *Waiter) Await(ctx context.Context, sem *posixsem.Semaphore, changed fun
 		case err != nil:
 			return err
 		}
+	}
+}
+
+func (w *Waiter) count(blocked bool) {
+	switch {
+	case w.counts == nil:
+	case blocked:
+		w.counts.Blocked.Add(1)
+	default:
+		w.counts.Spun.Add(1)
 	}
 }
 

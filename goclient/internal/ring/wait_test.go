@@ -219,3 +219,22 @@ func TestAWaitALittleLongerThanTheSpinIsCaughtSpinning(t *testing.T) {
 		t.Fatalf("Await = %v: the spin did not stretch to the typical wait", err)
 	}
 }
+
+func TestWaitCounts(t *testing.T) {
+	sem := testSemaphore(t)
+	var counts WaitCounts
+	spinning := NewWaiter(time.Minute, time.Millisecond)
+	spinning.counts = &counts
+	awaitCountingPolls(t, spinning, sem, 1)    // changed at once
+	awaitCountingPolls(t, spinning, sem, 1000) // changed while spinning
+	blocking := NewWaiter(0, time.Millisecond)
+	blocking.counts = &counts
+	awaitCountingPolls(t, blocking, sem, 0) // blocked, then gave up
+	sem.Post()
+	if polls := awaitCountingPolls(t, blocking, sem, 3); polls != 3 { // woken by the post
+		t.Fatalf("the woken wait polled %d times, want 3", polls)
+	}
+	if spun, blocked := counts.Spun.Load(), counts.Blocked.Load(); spun != 2 || blocked != 2 {
+		t.Fatalf("Spun, Blocked = %d, %d; want 2, 2", spun, blocked)
+	}
+}
