@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"time"
 
 	"github.com/go-zeromq/zmq4"
 	"go.nanomsg.org/mangos/v3"
@@ -21,6 +22,9 @@ import (
 // build does not have, and a pure-Go client matches the rest of the driver.
 // NNG: mangos v3, the Go implementation of the same protocols, by NNG's
 // author.
+
+// mqDeadline bounds one send or receive: the libraries' calls take no context.
+const mqDeadline = 10 * time.Second
 
 type mqTarget struct {
 	kind    string
@@ -110,6 +114,15 @@ func dialNNG(_ context.Context, address string) (mqSocket, error) {
 	s, err := req.NewSocket()
 	if err != nil {
 		return nil, err
+	}
+	// No size limit (mangos, like nng, drops replies over 1 MiB by default), and a
+	// deadline, so that a lost message fails the cell instead of hanging it.
+	for option, value := range map[string]any{mangos.OptionMaxRecvSize: 0,
+		mangos.OptionRecvDeadline: mqDeadline, mangos.OptionSendDeadline: mqDeadline} {
+		if err := s.SetOption(option, value); err != nil {
+			s.Close()
+			return nil, err
+		}
 	}
 	if err := s.Dial(address); err != nil {
 		s.Close()

@@ -36,11 +36,14 @@ def serve_zmq(address: str, stop: threading.Event, ready) -> None:
 
 def serve_nng(address: str, stop: threading.Event, ready) -> None:
     import pynng
-    with pynng.Rep0(listen=address, recv_timeout=200) as sock:
+    # recv_max_size 0: no limit (nng drops messages over 1 MiB by default, and the bench
+    # echoes 1 MiB, the stream transports' size).
+    with pynng.Rep0(listen=address, recv_timeout=200, recv_max_size=0) as sock:
         ready()
         while not stop.is_set():
             try:
-                sock.send(sock.recv())
+                # recv_msg: recv() fails on an empty message (it unpacks a NULL buffer).
+                sock.send_msg(sock.recv_msg())
             except pynng.Timeout:
                 pass
 
