@@ -54,7 +54,6 @@ class Recorder:
     (0 for a reply, else the error code) when its final frame is sent."""
 
     def __init__(self, metrics: "Metrics", transport: str):
-        self._metrics = metrics
         self.transport = transport
         self._lock = metrics._lock
         self.in_flight = 0
