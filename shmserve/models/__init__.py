@@ -32,6 +32,9 @@ BUILTIN = {
     "echo": "shmserve.models.echo:EchoModel",
     "cifar": "shmserve.models.cifar:build",
     "gemma": "shmserve.models.gemma:build",
+    "keras": "shmserve.models.keras_model:build",
+    "litert": "shmserve.models.litert_model:build",
+    "jax": "shmserve.models.jax_model:build",
 }
 
 
@@ -77,6 +80,9 @@ def _import(module_name: str):
         path = pathlib.Path(module_name).resolve()
         if not path.is_file():
             raise ModelLoadError(f"model file {module_name} does not exist")
+        loaded = sys.modules.get(path.stem)
+        if getattr(loaded, "__file__", None) == str(path):  # one file, one module object
+            return loaded
         spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(spec)
         sys.path.insert(0, str(path.parent))
