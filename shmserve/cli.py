@@ -105,9 +105,10 @@ def _add_serve(sub) -> None:
                           help="most requests handed to the model in one call")
     batching.add_argument("--batch-wait-us", type=float, default=0.0,
                           help="extra time to wait for more requests to join a batch")
-    files = p.add_argument_group("model files (cifar, keras, litert)")
-    files.add_argument("--model-path", default=None, help="the model file: .tflite for cifar "
-                       "and litert (cifar: default the shipped one), .keras for keras")
+    files = p.add_argument_group("model files (cifar, keras, litert; any factory naming "
+                                 "model_path)")
+    files.add_argument("--model-path", default=None, help="the model file: .keras for keras, "
+                       ".tflite for litert and cifar (cifar: default the shipped one)")
     files.add_argument("--threads", type=int, default=2, help="interpreter threads (LiteRT)")
     gemma = p.add_argument_group("gemma")
     gemma.add_argument("--checkpoint", default=os.environ.get("MODEL_CHECKPOINT"),

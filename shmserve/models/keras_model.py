@@ -19,7 +19,6 @@ import os
 from os import PathLike
 from pathlib import Path
 
-import numpy as np
 
 from shmserve import Model, Signature, TensorSpec
 from shmserve.models.jax_model import Compiled
@@ -113,4 +112,6 @@ def build(model_path: str | None = None, max_batch_size: int = 64,
           labels: str | None = None) -> KerasModel:
     if not model_path:
         raise ValueError("--model keras needs --model-path FILE.keras")
+    if not Path(model_path).is_file():  # before importing Keras, which takes seconds
+        raise ValueError(f"{model_path}: no such file")
     return KerasModel(model_path, max_batch_size=max_batch_size, labels=labels)
