@@ -128,7 +128,7 @@ class Dispatcher:
         self.signature = model.signature
         self.metadata = tensors.metadata_json(model.name, model.signature)
         self._labels = tuple(label.encode() for label in model.labels or ())
-        self._layouts: dict[bytes, tensors.Layout] = {}
+        self._bindings: dict[tuple[int, bytes], tensors.Binding] = {}
         self._pending: collections.deque[Call] = collections.deque()
         self._arrived = threading.Event()
         self._model_lock = threading.Lock()
@@ -187,19 +187,21 @@ class Dispatcher:
                              f"{msg_type.name}")
 
     def _bind(self, body) -> dict[str, np.ndarray]:
-        # A layout depends only on the header bytes and the body's length, and clients repeat
-        # a handful of shapes: keep parsed layouts by those. A hostile client can only fill
-        # the cache, which is bounded.
+        # What a request's inputs are depends only on its header bytes and length, and clients
+        # repeat a handful of shapes: keep each header matched to the signature once. A hostile
+        # client can only fill the cache, which is bounded.
         key = _header_key(body)
-        layout = self._layouts.get(key) if key is not None else None
-        if layout is None:
-            layout, _ = tensors.parse_layout(body)
-            if key is not None and len(self._layouts) < _LAYOUT_CACHE:
-                self._layouts[key] = layout
+        binding = self._bindings.get(key) if key is not None else None
+        if binding is not None:
+            return binding.arrays(body)
+        layout, _ = tensors.parse_layout(body)
         arrays = tensors.views(body, layout)
         if self.signature is None:  # structure first, as for prompts (section 3.1)
             raise self._unsupported(MsgType.INFER)
-        return tensors.bind(self.signature, arrays)
+        bound = tensors.bind(self.signature, arrays)
+        if key is not None and len(self._bindings) < _LAYOUT_CACHE:
+            self._bindings[key] = tensors.Binding(self.signature, layout)
+        return bound
 
     # -- replies ---------------------------------------------------------------------------
     def _encode_infer(self, outputs):

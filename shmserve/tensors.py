@@ -24,7 +24,7 @@ import dataclasses
 import functools
 import json
 import struct
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -73,8 +73,10 @@ BY_CODE = {d.code: d for d in DTYPES}
 BY_NAME = {d.name: d for d in DTYPES}
 
 
-# numpy dtype -> DType for every dtype already seen: dtype_of runs per tensor per request.
-_BY_NUMPY: dict[np.dtype, DType] = {}
+# id(numpy dtype) -> (that dtype, its DType) for every dtype object already seen: dtype_of
+# runs per tensor per request, and hashing a numpy dtype costs more than the rest of it. The
+# dtype is kept, so its id is never reused while it is here.
+_BY_NUMPY: dict[int, tuple[np.dtype, DType]] = {}
 
 
 def dtype_of(value) -> DType:
@@ -82,9 +84,9 @@ def dtype_of(value) -> DType:
     and "bfloat16" whether or not ml_dtypes was imported yet)."""
     if isinstance(value, DType):
         return value
-    known = _BY_NUMPY.get(value) if isinstance(value, np.dtype) else None
-    if known is not None:
-        return known
+    known = _BY_NUMPY.get(id(value))
+    if known is not None and known[0] is value:
+        return known[1]
     if isinstance(value, str):
         if value.upper() in BY_NAME:
             return BY_NAME[value.upper()]
@@ -93,7 +95,8 @@ def dtype_of(value) -> DType:
     kind = np.dtype(value)
     for d in DTYPES:
         if d.np == kind.newbyteorder("<") and (d.name == "BF16") == (kind.name == "bfloat16"):
-            _BY_NUMPY[kind] = d
+            if isinstance(value, np.dtype) and len(_BY_NUMPY) < 1024:
+                _BY_NUMPY[id(value)] = (value, d)
             return d
     raise ValueError(f"dtype {kind} has no protocol code; use one of "
                      f"{', '.join(d.name for d in DTYPES)}")
@@ -324,37 +327,92 @@ def bind(signature: Signature, tensors: list[tuple[str, np.ndarray]]) -> dict[st
     return by_name
 
 
+class Binding:
+    """A Layout matched to a signature's inputs once (``bind`` passed for it): a request with
+    the same header bytes only needs its views built, in signature order."""
+
+    __slots__ = ("plan",)
+
+    def __init__(self, signature: Signature, layout: Layout):
+        if layout.tensors[0][0]:
+            by_name = {t[0]: t for t in layout.tensors}
+        else:
+            by_name = {spec.name: t for spec, t in zip(signature.inputs, layout.tensors)}
+        plan = []
+        for spec in signature.inputs:
+            _, dtype, dims, offset = by_name[spec.name]
+            count = 1
+            for d in dims:
+                count *= d
+            plan.append((spec.name, dtype.np, count, dims, offset, dtype.code == 1))
+        self.plan = tuple(plan)
+
+    def arrays(self, body) -> dict[str, np.ndarray]:
+        out = {}
+        for name, dtype, count, dims, offset, is_bool in self.plan:
+            array = np.frombuffer(body, dtype, count, offset).reshape(dims)
+            if is_bool and count and array.view(np.uint8).max() > 1:
+                raise _tensor_error(ErrorCode.BAD_TENSOR, f"tensor {name!r}: a BOOL byte is "
+                                    f"not 0 or 1")
+            out[name] = array
+        return out
+
+
+# Encoded headers by (name, dtype code, shape) of every tensor: a model answers a handful of
+# shapes, and packing the headers costs more than copying a few KiB of data.
+_HEADERS: dict[tuple, tuple[bytes, tuple[int, ...], int]] = {}
+_HEADERS_KEPT = 256
+
+
+def _header_plan(tensors: Sequence[tuple[str, DType, np.ndarray]]) -> tuple[bytes, tuple[int, ...], int]:
+    """(header bytes, each tensor's data offset, body size) of a canonical TensorList."""
+    pos = LIST_HEADER.size
+    at = []
+    for name, _, array in tensors:
+        raw = name.encode()
+        if len(raw) > MAX_NAME or array.ndim > MAX_RANK:
+            raise ValueError(f"tensor {name!r}: name over {MAX_NAME} bytes or rank over {MAX_RANK}")
+        at.append((raw, pos))
+        pos = _align(pos + TENSOR_HEADER.size + 8 * array.ndim + len(raw), HEADER_ALIGN)
+    cursor = _align(pos, DATA_ALIGN)
+    header = bytearray(pos)
+    LIST_HEADER.pack_into(header, 0, len(tensors), 0, 0)
+    offsets = []
+    end = LIST_HEADER.size
+    for (raw, header_pos), (_, dtype, array) in zip(at, tensors):
+        TENSOR_HEADER.pack_into(header, header_pos, dtype.code, array.ndim, len(raw), 0, cursor,
+                                array.nbytes)
+        struct.pack_into(f"<{array.ndim}Q", header, header_pos + TENSOR_HEADER.size, *array.shape)
+        name_at = header_pos + TENSOR_HEADER.size + 8 * array.ndim
+        header[name_at:name_at + len(raw)] = raw
+        offsets.append(cursor)
+        end = cursor + array.nbytes
+        cursor = _align(end, DATA_ALIGN)
+    return bytes(header), tuple(offsets), end
+
+
 def encode(tensors: Sequence[tuple[str, np.ndarray]]) -> bytearray:
     """Encode (name, array) pairs as a canonical TensorList (names may be "" for positional)."""
     if len(tensors) > MAX_TENSORS:
         raise ValueError(f"{len(tensors)} tensors: at most {MAX_TENSORS}")
-    headers = []
-    pos = LIST_HEADER.size
+    typed = []
     for name, array in tensors:
         array = np.asarray(array)
-        raw = name.encode()
-        if len(raw) > MAX_NAME or array.ndim > MAX_RANK:
-            raise ValueError(f"tensor {name!r}: name over {MAX_NAME} bytes or rank over {MAX_RANK}")
-        headers.append((raw, dtype_of(array.dtype), array, pos))
-        pos = _align(pos + TENSOR_HEADER.size + 8 * array.ndim + len(raw), HEADER_ALIGN)
-    cursor = _align(pos, DATA_ALIGN)
-    placed = []
-    for raw, dtype, array, header_pos in headers:
-        placed.append((raw, dtype, array, header_pos, cursor))
-        end = cursor + array.nbytes
-        cursor = _align(end, DATA_ALIGN)
-    size = end if headers else LIST_HEADER.size
+        typed.append((name, dtype_of(array.dtype), array))
+    key = tuple((name, dtype.code, array.shape) for name, dtype, array in typed)
+    plan = _HEADERS.get(key)
+    if plan is None:
+        plan = _header_plan(typed)
+        if len(_HEADERS) < _HEADERS_KEPT:
+            _HEADERS[key] = plan
+    header, offsets, size = plan
     out = bytearray(size)
-    LIST_HEADER.pack_into(out, 0, len(headers), 0, 0)
-    for raw, dtype, array, header_pos, data_offset in placed:
-        TENSOR_HEADER.pack_into(out, header_pos, dtype.code, array.ndim, len(raw), 0, data_offset,
-                                array.nbytes)
-        struct.pack_into(f"<{array.ndim}Q", out, header_pos + TENSOR_HEADER.size, *array.shape)
-        name_at = header_pos + TENSOR_HEADER.size + 8 * array.ndim
-        out[name_at:name_at + len(raw)] = raw
+    out[:len(header)] = header
+    view = memoryview(out)
+    for (_, dtype, array), offset in zip(typed, offsets):
         if array.nbytes:
-            target = np.frombuffer(out, np.uint8, array.nbytes, data_offset)
-            target[:] = np.ascontiguousarray(array, dtype.np).view(np.uint8).reshape(-1)
+            view[offset:offset + array.nbytes] = np.ascontiguousarray(array, dtype.np).reshape(-1).view(np.uint8)
+    view.release()
     return out
 
 
@@ -363,12 +421,10 @@ def encode_outputs(signature: Signature, outputs) -> bytearray:
     one-output model) as the INFER reply body, checked against the signature."""
     specs = signature.outputs
     if isinstance(outputs, Mapping):
-        missing = [s.name for s in specs if s.name not in outputs]
-        extra = [k for k in outputs if k not in {s.name for s in specs}]
-        if missing or extra:
+        arrays = [outputs.get(s.name) for s in specs]
+        if len(outputs) != len(specs) or any(a is None for a in arrays):
             raise TypeError(f"model outputs {sorted(outputs)}; the signature declares "
                             f"{[s.name for s in specs]}")
-        arrays = [outputs[s.name] for s in specs]
     elif isinstance(outputs, (list, tuple)):
         arrays = list(outputs)
     else:
@@ -386,8 +442,9 @@ def encode_outputs(signature: Signature, outputs) -> bytearray:
                 raise TypeError(f"output {spec.name!r}: dtype {array.dtype}, the signature says "
                                 f"{spec.dtype.name}")
             array = array.astype(spec.dtype.np)
-        if array.ndim != len(spec.shape) or any(w not in (-1, g) for w, g in zip(spec.shape,
-                                                                                 array.shape)):
+        shape = array.shape
+        if len(shape) != len(spec.shape) or not all(w == -1 or w == g
+                                                    for w, g in zip(spec.shape, shape)):
             raise TypeError(f"output {spec.name!r}: shape {list(array.shape)}, the signature says "
                             f"{list(spec.shape)}")
         pairs.append((spec.name, array))
