@@ -14,6 +14,7 @@ import time
 
 import posix_ipc
 
+from . import _ring
 from . import layout as L
 from .protocol import (PACKET_LENGTH, ErrorCode, MsgType, decode_error,
                        encode_packet, encode_prompt)
@@ -69,9 +70,14 @@ class RingClient:
     def _put_u32(self, offset: int, value: int) -> None:
         self._words32[offset >> 2] = value & 0xFFFFFFFF
 
-    def _ring(self) -> None:
+    def _ring_bell(self) -> None:
+        """Section 8 step 4: the doorbell after what it announces, the semaphore's value read
+        after the doorbell store is visible (both fences are full ones: Python's stores have no
+        order of their own)."""
         index = L.H_DOORBELL >> 3
+        _ring.fence()
         self._words64[index] = (self._words64[index] + 1) & (1 << 64) - 1
+        _ring.fence()
         if self.request_sem.value == 0:
             self.request_sem.release()
 
@@ -106,8 +112,9 @@ class RingClient:
             data = self.geometry.request_data_offset(slot)
             self.mm[data:data + len(body)] = body
             L.write_request_fields(self.mm, base, req_id, len(body), msg_type)
+            _ring.fence()  # release: the body and fields are seen before req_seq (section 10)
             self._put_u32(base + L.S_REQ_SEQ, seq)
-            self._ring()
+            self._ring_bell()
             while True:
                 seen = self._wait_frame(slot, base, seen, deadline)
                 frame = L.read_frame(self.mm, base)
@@ -120,8 +127,9 @@ class RingClient:
                     return
                 yield frame.msg_type, payload
                 self._put_u32(base + L.S_ACK_SEQ, seen)
-                self._ring()
+                self._ring_bell()
         finally:
+            _ring.fence()  # release: done reading the slot before giving it back
             self._put_u32(base + L.S_OWNER, 0)
             with self._lock:
                 self._free.append(slot)
@@ -132,6 +140,7 @@ class RingClient:
         while True:
             current = self._u32(base + L.S_FRAME_SEQ)
             if current != seen:
+                _ring.fence()  # acquire: the frame's fields and data are read after frame_seq
                 return current
             now = time.monotonic()
             if now > deadline:
