@@ -113,7 +113,7 @@ def test_cancel_mid_reply_gets_a_final_cancelled_frame(start_server):
     seq = struct.unpack_from("<I", client.mm, base + L.S_REQ_SEQ)[0]
     struct.pack_into("<I", client.mm, base + L.S_CANCEL_SEQ, seq)
     struct.pack_into("<I", client.mm, base + L.S_ACK_SEQ, 0)
-    client._ring()
+    client._ring_bell()
     client.spin_s = 0
     with pytest.raises(ServerError) as info:
         # The generator acks the frame it yielded; the server must answer CANCELLED instead
