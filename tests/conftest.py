@@ -1,7 +1,11 @@
 """Fixtures that start a real ``shmserve serve`` process and always clean up after it."""
 from __future__ import annotations
 
+import grp
 import os
+import pwd
+import secrets
+import shutil
 import subprocess
 import sys
 
@@ -22,8 +26,8 @@ class Server(ServerProcess):
     readable as ``server.stderr`` once it is running or after it stopped."""
 
     def __init__(self, *args: str, ready_timeout: float = 120.0, env=None,
-                 command_prefix: tuple[str, ...] = ()):
-        super().__init__(*args, ready_timeout=ready_timeout, env=env, cwd=REPO,
+                 command_prefix: tuple[str, ...] = (), name: str | None = None):
+        super().__init__(*args, ready_timeout=ready_timeout, env=env, cwd=REPO, name=name,
                          name_prefix="t", command_prefix=command_prefix)
 
     @property
@@ -93,3 +97,55 @@ def parse_replies(data: bytes) -> list:
         replies.append((msg_type, decode_error(body)[0] if msg_type == MsgType.ERROR else body))
         offset += used
     return replies
+
+
+# Tests that run probes as other, throwaway users (created and removed here). The probes use
+# the system python3 and plain system calls: the project's interpreter may sit under a home
+# directory other users cannot enter.
+SYSTEM_PYTHON = "/usr/bin/python3"
+OTHER_USERS = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the test creates throwaway "
+                       "users with useradd and switches to them with setpriv"),
+    pytest.mark.skipif(not all(shutil.which(t) for t in ("useradd", "userdel", "groupadd",
+                                                          "groupdel", "setpriv")),
+                       reason="needs useradd, userdel, groupadd, groupdel and setpriv"),
+    pytest.mark.skipif(not os.access(SYSTEM_PYTHON, os.X_OK),
+                       reason=f"needs {SYSTEM_PYTHON} for the probes run as another user"),
+]
+
+
+def run(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def accounts():
+    """A group, a user in it and a user outside it; all removed afterwards, pass or fail."""
+    tag = secrets.token_hex(3)
+    group, member, outsider = f"shmtg{tag}", f"shmtm{tag}", f"shmto{tag}"
+    created_users, created_group = [], False
+    try:
+        run("groupadd", group)
+        created_group = True
+        for user, extra in ((member, ["-G", group]), (outsider, [])):
+            run("useradd", "-M", "-N", "-g", "nogroup" if _has_group("nogroup") else "users",
+                "-s", "/usr/sbin/nologin", *extra, user)
+            created_users.append(user)
+        yield {"group": group, "gid": grp.getgrnam(group).gr_gid, "member": member,
+               "outsider": outsider}
+    finally:
+        for user in created_users:
+            subprocess.run(["userdel", user], capture_output=True, timeout=30)
+        if created_group:
+            subprocess.run(["groupdel", group], capture_output=True, timeout=30)
+        for user in (member, outsider):
+            with pytest.raises(KeyError):
+                pwd.getpwnam(user)
+
+
+def _has_group(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+        return True
+    except KeyError:
+        return False

@@ -8,31 +8,17 @@ the project's own interpreter may sit under a home directory other users cannot 
 """
 from __future__ import annotations
 
-import grp
 import json
 import os
 import pwd
-import secrets
-import shutil
 import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO, Server, ring_objects, stop_all
+from conftest import OTHER_USERS, SYSTEM_PYTHON, Server, ring_objects, stop_all
 from shmserve.client import RingClient
 
-SYSTEM_PYTHON = "/usr/bin/python3"
-
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the test creates throwaway "
-                       "users with useradd and switches to them with setpriv"),
-    pytest.mark.skipif(not all(shutil.which(t) for t in ("useradd", "userdel", "groupadd",
-                                                          "groupdel", "setpriv")),
-                       reason="needs useradd, userdel, groupadd, groupdel and setpriv"),
-    pytest.mark.skipif(not os.access(SYSTEM_PYTHON, os.X_OK),
-                       reason=f"needs {SYSTEM_PYTHON} for the probes run as another user"),
-]
+pytestmark = OTHER_USERS
 
 PROBE = r"""
 import errno, json, mmap, os, socket, sys
@@ -97,43 +83,6 @@ print(json.dumps(results))
 
 ACCESS = ["attach ring", "read ring", "request semaphore", "slot semaphore", "liveness lock",
           "socket echo"]
-
-
-def run(*argv: str) -> None:
-    subprocess.run(argv, check=True, capture_output=True, timeout=30)
-
-
-@pytest.fixture
-def accounts():
-    """A group, a user in it and a user outside it; all removed afterwards, pass or fail."""
-    tag = secrets.token_hex(3)
-    group, member, outsider = f"shmtg{tag}", f"shmtm{tag}", f"shmto{tag}"
-    created_users, created_group = [], False
-    try:
-        run("groupadd", group)
-        created_group = True
-        for user, extra in ((member, ["-G", group]), (outsider, [])):
-            run("useradd", "-M", "-N", "-g", "nogroup" if _has_group("nogroup") else "users",
-                "-s", "/usr/sbin/nologin", *extra, user)
-            created_users.append(user)
-        yield {"group": group, "gid": grp.getgrnam(group).gr_gid, "member": member,
-               "outsider": outsider}
-    finally:
-        for user in created_users:
-            subprocess.run(["userdel", user], capture_output=True, timeout=30)
-        if created_group:
-            subprocess.run(["groupdel", group], capture_output=True, timeout=30)
-        for user in (member, outsider):
-            with pytest.raises(KeyError):
-                pwd.getpwnam(user)
-
-
-def _has_group(name: str) -> bool:
-    try:
-        grp.getgrnam(name)
-        return True
-    except KeyError:
-        return False
 
 
 class ServerWithGroup(Server):

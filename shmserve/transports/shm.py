@@ -147,6 +147,16 @@ class RingObjects:
                 fd = os.open(path, flags | os.O_NONBLOCK)  # a FIFO planted there must not block
             except FileNotFoundError:
                 continue  # removed meanwhile: create it
+            except PermissionError:
+                # Not writable by us: someone else's file, or the error is ours to report.
+                try:
+                    trust.check_own(os.lstat(path), path, "regular file", stat.S_ISREG)
+                except FileNotFoundError:
+                    continue
+                except trust.UntrustedFileError as exc:
+                    self._remove_foreign(path, str(exc))
+                    continue
+                raise
             except OSError as exc:
                 if exc.errno != errno.ELOOP:
                     raise
