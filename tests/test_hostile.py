@@ -7,7 +7,6 @@ import mmap
 import os
 import random
 import resource
-import signal
 import socket
 import struct
 import subprocess

@@ -10,7 +10,7 @@ import time
 import posix_ipc
 import pytest
 
-from conftest import REPO, Server, ring_objects
+from conftest import REPO, ring_objects
 from shmserve import layout as L
 from shmserve.client import RingClient, ServerError
 from shmserve.protocol import ErrorCode, MsgType

@@ -23,7 +23,6 @@ import threading
 import time
 from threading import get_ident
 
-import numpy as np
 import posix_ipc
 
 from .. import _ring
