@@ -19,7 +19,6 @@ import os
 from os import PathLike
 from pathlib import Path
 
-
 from shmserve import Model, Signature, TensorSpec
 from shmserve.models.jax_model import Compiled
 
