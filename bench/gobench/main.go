@@ -7,8 +7,8 @@
 // compressed base64 encoding, which the orchestrator decodes and merges.
 //
 // A cell keeps conc calls in flight, each from its own goroutine, in closed
-// loop: warm-up first, then the measured phase without a pause in between, so
-// neither side falls asleep at the switch.
+// loop (package goclient/load): warm-up first, then the measured phase without
+// a pause in between, so neither side falls asleep at the switch.
 package main
 
 import (
@@ -17,11 +17,11 @@ import (
 	"fmt"
 	"os"
 	"runtime"
-	"sync"
-	"sync/atomic"
 	"time"
 
 	hdrhistogram "github.com/HdrHistogram/hdrhistogram-go"
+
+	"github.com/shmserve/shmserve/goclient/load"
 )
 
 // Plan is what the orchestrator asks for in one run of this program.
@@ -74,7 +74,7 @@ type Cell struct {
 type Result struct {
 	Cell
 	Count      int64  `json:"count"`
-	Errors     int64  `json:"errors"`
+	Errors     int64  `json:"errors"` // 1 when a call failed: the first failure stops the cell
 	FirstError string `json:"first_error,omitempty"`
 	ElapsedNS  int64  `json:"elapsed_ns"`
 	// Units is how many items one call carries: images for classify_batch, else 1.
@@ -86,13 +86,6 @@ type Result struct {
 	ClientCPU float64 `json:"client_cpu_s"`
 	ServerCPU float64 `json:"server_cpu_s"`
 }
-
-// Latencies are recorded in ns from 1 ns to a minute at 3 significant digits.
-const (
-	histMin    = 1
-	histMax    = int64(time.Minute)
-	histDigits = 3
-)
 
 func main() {
 	if err := run(); err != nil {
@@ -145,21 +138,8 @@ func run() error {
 	return nil
 }
 
-const (
-	phaseWarmup int32 = iota
-	phaseMeasure
-	phaseStop
-)
-
-// counter is one worker's count of measured calls, alone on its cache line
-// so that the workers do not slow each other down by counting.
-type counter struct {
-	atomic.Int64
-	_ [56]byte
-}
-
 func runCell(ctx context.Context, t Target, cell Cell, warmup, measure time.Duration, minCalls int64, pgid int) (Result, error) {
-	calls := make([]Call, cell.Conc)
+	calls := make([]func(context.Context) error, cell.Conc)
 	units := 1
 	for i := range calls {
 		call, n, err := t.Call(cell)
@@ -168,73 +148,32 @@ func runCell(ctx context.Context, t Target, cell Cell, warmup, measure time.Dura
 		}
 		calls[i], units = call, n
 	}
-	hists := make([]*hdrhistogram.Histogram, cell.Conc)
-	counts := make([]counter, cell.Conc)
-	var phase atomic.Int32
-	var errCount atomic.Int64
-	var firstErr atomic.Pointer[string]
-	var wg sync.WaitGroup
-	for i, call := range calls {
-		hist := hdrhistogram.New(histMin, histMax, histDigits)
-		hists[i] = hist
-		count := &counts[i]
-		wg.Go(func() {
-			for {
-				p := phase.Load()
-				if p == phaseStop {
-					return
-				}
-				start := time.Now()
-				err := call(ctx)
-				took := time.Since(start)
-				if err != nil {
-					// A failing call is a broken bench, not a data point: stop
-					// this worker and report the first cause.
-					errCount.Add(1)
-					msg := err.Error()
-					firstErr.CompareAndSwap(nil, &msg)
-					return
-				}
-				if p == phaseMeasure {
-					hist.RecordValue(took.Nanoseconds())
-					count.Add(1)
-				}
-			}
-		})
+	var clientCPU, serverCPU float64
+	measuring := false
+	measured, callErr := load.Run(ctx, calls, load.Options{
+		WarmupDuration: warmup, Duration: measure, MinCalls: int(minCalls), MaxDuration: maxStretch,
+		OnMeasure: func() {
+			measuring = true
+			clientCPU, serverCPU = selfCPU(), groupCPU(pgid)
+		},
+	})
+	if measured.Latency == nil {
+		return Result{}, callErr // the cell could not start
 	}
-	time.Sleep(warmup)
-	phase.Store(phaseMeasure)
-	started := time.Now()
-	clientCPU, serverCPU := selfCPU(), groupCPU(pgid)
-	time.Sleep(measure)
-	for deadline := started.Add(maxStretch); time.Now().Before(deadline) && errCount.Load() == 0; {
-		total := int64(0)
-		for i := range counts {
-			total += counts[i].Load()
-		}
-		if total >= minCalls {
-			break
-		}
-		time.Sleep(time.Millisecond)
+	if measuring {
+		clientCPU, serverCPU = selfCPU()-clientCPU, groupCPU(pgid)-serverCPU
 	}
-	phase.Store(phaseStop)
-	wg.Wait()
-	elapsed := time.Since(started)
-	clientCPU, serverCPU = selfCPU()-clientCPU, groupCPU(pgid)-serverCPU
-
-	merged := hdrhistogram.New(histMin, histMax, histDigits)
-	for _, h := range hists {
-		merged.Merge(h)
-	}
-	encoded, err := merged.Encode(hdrhistogram.V2CompressedEncodingCookieBase)
+	encoded, err := measured.Latency.Encode(hdrhistogram.V2CompressedEncodingCookieBase)
 	if err != nil {
 		return Result{}, err
 	}
-	result := Result{Cell: cell, Count: merged.TotalCount(), Errors: errCount.Load(),
-		ElapsedNS: elapsed.Nanoseconds(), Units: units, Histogram: string(encoded),
+	result := Result{Cell: cell, Count: measured.Calls,
+		ElapsedNS: measured.Elapsed.Nanoseconds(), Units: units, Histogram: string(encoded),
 		GoMaxProcs: runtime.GOMAXPROCS(0), ClientCPU: clientCPU, ServerCPU: serverCPU}
-	if msg := firstErr.Load(); msg != nil {
-		result.FirstError = *msg
+	if callErr != nil {
+		// A failing call is a broken bench, not a data point: it stopped the
+		// cell, and the orchestrator reports its cause.
+		result.Errors, result.FirstError = 1, callErr.Error()
 	}
 	return result, nil
 }

@@ -11,10 +11,10 @@ import (
 	"slices"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"text/tabwriter"
 	"time"
 
+	"github.com/shmserve/shmserve/goclient/load"
 	"github.com/shmserve/shmserve/goclient/protocol"
 	"github.com/shmserve/shmserve/goclient/shmclient"
 )
@@ -73,8 +73,11 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		defer client.Close()
 		targets = append(targets, &benchTarget{addr: addr, client: client, latency: newLatencies()})
 	}
+	workers := func(t *benchTarget) []func(context.Context) error {
+		return slices.Repeat([]func(context.Context) error{request.call(t.client)}, *concurrency)
+	}
 	for _, t := range targets {
-		if _, err := load(ctx, *warmup, *concurrency, conn.timeout, request.call(t.client), nil); err != nil {
+		if _, err := load.Run(ctx, workers(t), load.Options{Timeout: conn.timeout, WarmupCalls: *warmup}); err != nil {
 			return fmt.Errorf("%s: warm-up: %w", t.addr, err)
 		}
 	}
@@ -85,11 +88,12 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			n++
 		}
 		for _, t := range targets {
-			elapsed, err := load(ctx, n, *concurrency, conn.timeout, request.call(t.client), t.latency)
+			measured, err := load.Run(ctx, workers(t), load.Options{Timeout: conn.timeout, Calls: n})
 			if err != nil {
 				return fmt.Errorf("%s: %w", t.addr, err)
 			}
-			t.busy += elapsed
+			t.latency.merge(measured.Latency)
+			t.busy += measured.Elapsed
 		}
 	}
 	if *asJSON {
@@ -169,44 +173,6 @@ func sameKind(a, b []shmclient.Tensor) bool {
 	return slices.EqualFunc(a, b, func(x, y shmclient.Tensor) bool {
 		return x.Name == y.Name && x.DType == y.DType && slices.Equal(x.Shape, y.Shape)
 	})
-}
-
-// load makes requests calls from concurrency goroutines, each with its own
-// timeout, and returns the wall time they took; the first error stops it.
-func load(ctx context.Context, requests, concurrency int, timeout time.Duration, call func(context.Context) error, latency *latencies) (time.Duration, error) {
-	// The first failure stops every goroutine, in flight or not.
-	ctx, stop := context.WithCancel(ctx)
-	defer stop()
-	var next atomic.Int64
-	var firstErr error
-	var errOnce sync.Once
-	var wg sync.WaitGroup
-	start := time.Now()
-	for range concurrency {
-		wg.Go(func() {
-			local := newLatencies()
-			for next.Add(1) <= int64(requests) {
-				callCtx, cancel := context.WithTimeout(ctx, timeout)
-				sent := time.Now()
-				err := call(callCtx)
-				took := time.Since(sent)
-				cancel()
-				if err != nil {
-					errOnce.Do(func() {
-						firstErr = err
-						stop()
-					})
-					return
-				}
-				local.record(took)
-			}
-			if latency != nil {
-				latency.merge(local)
-			}
-		})
-	}
-	wg.Wait()
-	return time.Since(start), firstErr
 }
 
 func printBench(w io.Writer, targets []*benchTarget, request benchRequest, concurrency, reps int, conn connectionFlags) {

@@ -24,9 +24,9 @@ func (l *latencies) record(d time.Duration) {
 	l.mu.Unlock()
 }
 
-func (l *latencies) merge(other *latencies) {
+func (l *latencies) merge(other *hdrhistogram.Histogram) {
 	l.mu.Lock()
-	l.histogram.Merge(other.histogram)
+	l.histogram.Merge(other)
 	l.mu.Unlock()
 }
 
