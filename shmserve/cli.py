@@ -87,7 +87,8 @@ def _add_serve(sub) -> None:
                         "reply is sent), across connections; a request waits up to "
                         "--packet-timeout for room, then gets TOO_LARGE")
     limits.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT_S,
-                        help="http: seconds a client may take to send a request's headers")
+                        help="http: seconds from a request head's first byte (or from the "
+                             "connection's start) to its last")
     limits.add_argument("--max-header-bytes", type=_size, default=DEFAULT_MAX_HEADER_BYTES,
                         help="http: largest request line plus headers; more gets 431")
     ring = p.add_argument_group("ring")

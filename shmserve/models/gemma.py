@@ -16,6 +16,11 @@ from shmserve import ErrorCode, Model, ProtocolError
 log = logging.getLogger("shmserve.gemma")
 
 
+class _NobodyWaits(Exception):
+    """Every request of a streamed batch was cancelled: the rest of its tokens would go to
+    nobody (an HTTP client that disconnected kept the engine busy to the last token)."""
+
+
 class GemmaModel(Model):
     name = "gemma"
     serves_prompts = True
@@ -76,13 +81,20 @@ class GemmaModel(Model):
     def _sample(self, steps: int, calls: list) -> None:
         def on_piece(index: int, piece: str) -> None:
             call = calls[index]
-            if call.streaming and not call.cancelled():
-                call.stream(piece)
+            if not call.cancelled():
+                if call.streaming:
+                    call.stream(piece)
+            elif all(other.cancelled() for other in calls):
+                raise _NobodyWaits  # the engine stops generating when on_piece raises
 
         streaming = any(call.streaming for call in calls)
         try:
             texts = self.engine.generate([call.prompt for call in calls], steps,
                                          on_piece if streaming else None)
+        except _NobodyWaits:
+            for call in calls:
+                call.fail("cancelled during sampling", ErrorCode.CANCELLED)
+            return
         except ProtocolError as exc:
             for call in calls:
                 call.fail(exc.message, exc.code)

@@ -315,6 +315,10 @@ def _guarded_protocol(gate: ConnectionGate, admit_peer, header_timeout: float,
 
         def data_received(self, data: bytes) -> None:
             if self._in_head:
+                if self._head_timer is None:
+                    # A kept-alive connection's next head starts its clock with its first
+                    # byte; until then it is idle, which is --idle-timeout's to end.
+                    self._arm_head_timer()
                 self._head_bytes += len(data)
             super().data_received(data)
             # Checked after parsing: a read that completed the head may carry body bytes.
@@ -330,11 +334,6 @@ def _guarded_protocol(gate: ConnectionGate, admit_peer, header_timeout: float,
         def on_message_complete(self) -> None:
             super().on_message_complete()
             self._in_head = True
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if self._in_head and not self.transport.is_closing():
-                self._arm_head_timer()  # the next head's clock; keep-alive may close it first
 
         def _unsupported_upgrade_warning(self) -> None:
             """An Upgrade request is served as plain HTTP (ws="none"); uvicorn's two warning
@@ -389,6 +388,7 @@ class HttpTransport:
         self.server = uvicorn.Server(config)
         self.host, self.port = host, port
         self._thread = threading.Thread(target=self.server.run, name="http", daemon=True)
+
     def start(self) -> None:
         self._thread.start()
 
