@@ -86,7 +86,7 @@ uv: $(UV_STAMP)
 # other than what the lock says.
 # The native module is built by the package's backend during the sync, so its source is a
 # prerequisite too (uv rebuilds it through pyproject.toml's cache-keys).
-NATIVE_SOURCES := setup.py shmserve/_ring.c
+NATIVE_SOURCES := setup.py shmserve/_ring.c shmserve/_stream.c
 
 $(VENV_ALL): pyproject.toml uv.lock $(NATIVE_SOURCES) $(UV_STAMP)
 	$(UV) sync --locked --all-extras --all-groups || { echo "hint: if uv.lock is stale, run 'make lock' and commit it" >&2; exit 1; }
@@ -126,9 +126,11 @@ check-arm64: $(VENV_ALL)
 	@command -v $(ARM64_CC) >/dev/null || { [ "$$(id -u)" = 0 ] && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q gcc-aarch64-linux-gnu >/dev/null; } || \
 	  { echo "check-arm64: needs $(ARM64_CC) (apt-get install gcc-aarch64-linux-gnu)" >&2; exit 1; }
-	$(ARM64_CC) -std=c11 -O2 -Wall -Wextra -Werror -fPIC \
-	  -I"$$($(VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
-	  -c shmserve/_ring.c -o /dev/null
+	for source in shmserve/_ring.c shmserve/_stream.c; do \
+	  $(ARM64_CC) -std=c11 -O2 -Wall -Wextra -Werror -fPIC \
+	    -I"$$($(VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
+	    -c $$source -o /dev/null || exit 1; \
+	done
 	cd goclient && GOARCH=arm64 CGO_ENABLED=1 CC=$(ARM64_CC) $(GO) vet ./... && \
 	  GOARCH=arm64 CGO_ENABLED=1 CC=$(ARM64_CC) $(GO) build -o /dev/null ./cmd/shmclient
 

@@ -4,8 +4,8 @@
 Requests are counted where they end (``Request.reply`` with the final frame) into plain
 counters behind one lock, and turned into metric families only when scraped: a labelled
 prometheus_client metric costs a label lookup and a lock per update, which the stream and HTTP
-paths would pay per message. The ring's inline ECHO (answered in C without entering Python)
-is counted by the native module and read at scrape time; it is not timed.
+paths would pay per message. An ECHO answered in C without entering Python is counted but not
+timed: the ring's by the native module (read at scrape time), the streams' per batch of them.
 """
 from __future__ import annotations
 
@@ -65,6 +65,12 @@ class Recorder:
             self.in_flight += 1
         return time.monotonic_ns()
 
+    def inline(self, msg_type: int, count: int) -> None:
+        """``count`` replies sent by native code, counted but not timed."""
+        with self._lock:
+            key = (msg_type, 0)
+            self.requests[key] = self.requests.get(key, 0) + count
+
     def end(self, msg_type: int, code: int, started_ns: int) -> None:
         seconds = (time.monotonic_ns() - started_ns) / 1e9
         with self._lock:
@@ -113,8 +119,8 @@ class Metrics(Collector):
                                        "message type and outcome (OK or the error code name)",
                                        labels=["transport", "type", "outcome"])
         durations = HistogramMetricFamily("shmserve_request_duration_seconds", "From reading a "
-                                          "request to sending its final reply (the ring's "
-                                          "inline ECHO is not timed)",
+                                          "request to sending its final reply (an ECHO "
+                                          "answered in native code is not timed)",
                                           labels=["transport", "type"])
         in_flight = GaugeMetricFamily("shmserve_requests_in_flight", "Requests read and not "
                                       "yet answered", labels=["transport"])

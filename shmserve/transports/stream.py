@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
 import struct
 import threading
@@ -11,6 +12,7 @@ import time
 
 import numpy as np
 
+from .. import _stream
 from ..dispatch import Request
 from ..protocol import (MAX_PACKET_BODY, PACKET_LENGTH, ErrorCode, FramingError,
                         MsgType, check_packet_length, encode_error, packet_header)
@@ -117,6 +119,9 @@ class Connection:
         self._packet_started = 0.0  # when the first byte of the packet being read came
         self._recv_timeout: float | None = None
         sock.settimeout(None)
+        self._fd = sock.fileno()
+        # Larger echoes need the buffer budget, so Python answers them.
+        self._largest_echo = min(transport.max_body, UNBUDGETED_PACKET)
         self._set_timeout(socket.SO_SNDTIMEO, transport.packet_timeout)
 
     def _set_timeout(self, option: int, seconds: float | None) -> None:
@@ -194,7 +199,9 @@ class Connection:
         transport = self.transport
         try:
             while not transport.stopping:
-                if self._filled < _PREFIX and not self._fill(_PREFIX, None):
+                if not self._answer_echoes():
+                    return
+                if self._filled < _PREFIX and not self._fill(_PREFIX, self._packet_deadline()):
                     return
                 (length,) = PACKET_LENGTH.unpack_from(self._buf)
                 try:
@@ -237,6 +244,31 @@ class Connection:
             self.closed = True
             self.sock.close()
             transport.forget(self)
+
+    def _answer_echoes(self) -> bool:
+        """ECHO packets answered in C (shmserve/_stream.c) until something else arrives;
+        False when the peer closed between packets."""
+        transport = self.transport
+        if self._recv_timeout != transport.idle_timeout:
+            self._set_timeout(socket.SO_RCVTIMEO, transport.idle_timeout)
+            self._recv_timeout = transport.idle_timeout
+        filled, answered, error = _stream.echo(self._fd, self._buf, self._filled,
+                                               self._largest_echo)
+        if answered and transport.recorder is not None:
+            transport.recorder.inline(MsgType.ECHO, answered)
+        if filled and (answered or not self._filled):  # bytes read in C: their clock starts
+            self._packet_started = time.monotonic()
+        self._filled = filled
+        if error == _stream.STREAM_EOF:
+            return False
+        if error and error != errno.EINTR:  # EINTR: Python's next read runs the handlers
+            raise OSError(error, os.strerror(error))  # EAGAIN: a socket timeout
+        return True
+
+    def _packet_deadline(self) -> float | None:
+        """None while no byte of the next packet is here (the idle timeout applies), else
+        when that packet must be complete."""
+        return self._packet_started + self.transport.packet_timeout if self._filled else None
 
     def _reserve(self, length: int) -> bool:
         """Waits (at most the packet timeout) for room in the buffer budget; without room the
