@@ -101,8 +101,11 @@ static PyMethodDef module_methods[] = {
 };
 
 static struct PyModuleDef stream_module = {
-    PyModuleDef_HEAD_INIT, "shmserve._stream",
-    "The stream transports' ECHO loop, answered without entering Python.", -1, module_methods,
+    PyModuleDef_HEAD_INIT,
+    .m_name = "shmserve._stream",
+    .m_doc = "The stream transports' ECHO loop, answered without entering Python.",
+    .m_size = -1,
+    .m_methods = module_methods,
 };
 
 PyMODINIT_FUNC PyInit__stream(void) {
