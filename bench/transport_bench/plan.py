@@ -56,6 +56,7 @@ ECHO_TRANSPORTS = (
     Transport("shm-spin-1p", "shm ring, spin then block, client GOMAXPROCS=1"),
     Transport("shm-block", "shm ring, block only"),
     Transport("unix", "Unix socket, classic packets"),
+    Transport("unix-classic", "Unix socket, the classic one-client Python server"),
     Transport("tcp", "TCP loopback, classic packets"),
     Transport("http-uvicorn", "HTTP/JSON, uvicorn (bare ASGI)"),
     Transport("http-flask", "HTTP/JSON, Flask + gunicorn sync"),

@@ -126,6 +126,9 @@ def start_servers(stack: contextlib.ExitStack, config: Config, tmp: Path,
                                            "shm", "--name", block_name, "--spin-us", "0",
                                            *geometry], ring_names=[block_name])
     flask = server("flask-gunicorn", [PYTHON, str(BENCH / "servers" / "flask_echo.py")])
+    classic_path = str(tmp / "classic.sock")
+    classic = server("classic-uds", [PYTHON, str(BENCH / "servers" / "classic_uds_echo.py"),
+                                     "--path", classic_path], socket_path=classic_path)
     grpc = server("grpcio", [PYTHON, str(BENCH / "servers" / "grpc_echo.py"),
                              "--workers", str(max(config.concs))])
     model_servers = {}
@@ -155,6 +158,10 @@ def start_servers(stack: contextlib.ExitStack, config: Config, tmp: Path,
         "tcp": {"url": e.address("tcp"), "conns": conns, "server_pgid": echo.pid},
         "http-uvicorn": {"url": e.address("http"), "conns": conns, "server_pgid": echo.pid},
         "http-flask": {"url": flask_url, "conns": conns, "server_pgid": flask.pid},
+        # One connection: the classic server serves one client at a time, so calls in flight
+        # queue on it as they would behind the classic Go client.
+        "unix-classic": {"url": classic.wait_ready(60).address("unix"), "conns": 1,
+                         "server_pgid": classic.pid},
         "grpc": {"url": grpc.wait_ready(60).address("grpc"), "conns": conns,
                  "server_pgid": grpc.pid},
         "shm-nometrics": {"url": bare.wait_ready(60).address("shm"), "spin_us": SPIN_US,
@@ -185,6 +192,6 @@ def start_servers(stack: contextlib.ExitStack, config: Config, tmp: Path,
             "http": {"url": ready.address("http"), "conns": conns},
         }.items():
             targets[f"{section.key}-{t}"] = spec | {"server_pgid": s.pid}
-    servers = [echo, bare, block, flask, grpc, *mq.values(), *model_servers.values()]
+    servers = [echo, bare, block, flask, classic, grpc, *mq.values(), *model_servers.values()]
     return {"targets": targets, "skipped": skipped,
             "servers": {s.name: s.proc.args for s in servers}}
