@@ -70,8 +70,8 @@ static PyObject *stream_echo(PyObject *Py_UNUSED(module), PyObject *args) {
         if (have > PACKET_PREFIX) {
             uint32_t length = load_be32(buf);
             size_t packet = PACKET_PREFIX + (size_t)length;
-            if (length == 0 || buf[PACKET_PREFIX] != MSG_ECHO || length > (uint64_t)largest || packet > cap ||
-                have < packet)
+            if (length == 0 || buf[PACKET_PREFIX] != MSG_ECHO || length > (uint64_t)largest ||
+                packet > cap || have < packet)
                 break; /* Python's: another type, a length to refuse, or a partial packet */
             if ((error = send_all(fd, buf, packet)) != 0)
                 break;

@@ -132,6 +132,12 @@ class Connection:
             micros = 1  # a positive remainder must not turn into "never"
         self.sock.setsockopt(socket.SOL_SOCKET, option, struct.pack("@ll", whole, micros))
 
+    def _set_recv_timeout(self, seconds: float | None) -> None:
+        """SO_RCVTIMEO, set only when it changes: one syscall saved per packet."""
+        if seconds != self._recv_timeout:
+            self._set_timeout(socket.SO_RCVTIMEO, seconds)
+            self._recv_timeout = seconds
+
     def send_packet(self, msg_type: int, payload) -> None:
         """Header and payload in one gathering sendmsg: no copy of the payload, one syscall
         (more only when the socket buffer takes a big reply in parts)."""
@@ -159,9 +165,7 @@ class Connection:
                        else deadline - time.monotonic())
             if deadline is not None and timeout <= 0:
                 raise TimeoutError(f"packet incomplete after {self.transport.packet_timeout} s")
-            if timeout != self._recv_timeout:
-                self._set_timeout(socket.SO_RCVTIMEO, timeout)
-                self._recv_timeout = timeout
+            self._set_recv_timeout(timeout)
             if self._filled == len(self._buf):
                 bigger = _packet_buffer(min(2 * self._filled, need))
                 bigger[:self._filled] = self._buf[:self._filled]
@@ -249,9 +253,7 @@ class Connection:
         """ECHO packets answered in C (shmserve/_stream.c) until something else arrives;
         False when the peer closed between packets."""
         transport = self.transport
-        if self._recv_timeout != transport.idle_timeout:
-            self._set_timeout(socket.SO_RCVTIMEO, transport.idle_timeout)
-            self._recv_timeout = transport.idle_timeout
+        self._set_recv_timeout(transport.idle_timeout)
         filled, answered, error = _stream.echo(self._fd, self._buf, self._filled,
                                                self._largest_echo)
         if answered and transport.recorder is not None:
