@@ -125,8 +125,10 @@ def decode_error(body: bytes) -> tuple[int, str]:
 
 def check_request(msg_type: int, length: int) -> MsgType:
     """Section 3 body-size rules; returns the MsgType or raises ProtocolError."""
-    if msg_type == MsgType.ECHO:  # the hot path: any length, no enum construction
+    if msg_type == MsgType.ECHO:  # the hot paths: no enum construction
         return MsgType.ECHO
+    if msg_type == MsgType.INFER and length >= 8:
+        return MsgType.INFER
     if msg_type not in REQUEST_TYPES:
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"type 0x{msg_type:02x} is not a request type")
     msg_type = MsgType(msg_type)

@@ -329,11 +329,11 @@ def bind(signature: Signature, tensors: list[tuple[str, np.ndarray]]) -> dict[st
 
 class Binding:
     """A Layout matched to a signature's inputs once (``bind`` passed for it): a request with
-    the same header bytes only needs its views built, in signature order."""
+    the same header bytes and length only needs its views built, in signature order."""
 
-    __slots__ = ("plan",)
+    __slots__ = ("plan", "header", "size")
 
-    def __init__(self, signature: Signature, layout: Layout):
+    def __init__(self, signature: Signature, layout: Layout, header: bytes):
         if layout.tensors[0][0]:
             by_name = {t[0]: t for t in layout.tensors}
         else:
@@ -346,6 +346,11 @@ class Binding:
                 count *= d
             plan.append((spec.name, dtype.np, count, dims, offset, dtype.code == 1))
         self.plan = tuple(plan)
+        self.header = header
+        self.size = layout.size
+
+    def matches(self, body) -> bool:
+        return len(body) == self.size and body[:len(self.header)] == self.header
 
     def arrays(self, body) -> dict[str, np.ndarray]:
         out = {}
@@ -358,14 +363,15 @@ class Binding:
         return out
 
 
-# Encoded headers by (name, dtype code, shape) of every tensor: a model answers a handful of
+# Header plans kept by encode() and by each OutputEncoder: a model answers a handful of
 # shapes, and packing the headers costs more than copying a few KiB of data.
-_HEADERS: dict[tuple, tuple[bytes, tuple[int, ...], int]] = {}
-_HEADERS_KEPT = 256
+_PLANS_KEPT = 256
+_Plan = tuple[bytes, tuple[int, ...], int]  # header bytes, each tensor's data offset, body size
+_HEADERS: dict[tuple, _Plan] = {}
 
 
-def _header_plan(tensors: Sequence[tuple[str, DType, np.ndarray]]) -> tuple[bytes, tuple[int, ...], int]:
-    """(header bytes, each tensor's data offset, body size) of a canonical TensorList."""
+def _header_plan(tensors: Sequence[tuple[str, DType, np.ndarray]]) -> _Plan:
+    """The plan of a canonical TensorList of these (name, dtype, array)."""
     pos = LIST_HEADER.size
     at = []
     for name, _, array in tensors:
@@ -398,54 +404,89 @@ def encode(tensors: Sequence[tuple[str, np.ndarray]]) -> bytearray:
     typed = []
     for name, array in tensors:
         array = np.asarray(array)
-        typed.append((name, dtype_of(array.dtype), array))
+        dtype = dtype_of(array.dtype)
+        if array.dtype != dtype.np:  # big-endian: the wire is little-endian
+            array = array.astype(dtype.np)
+        typed.append((name, dtype, array))
     key = tuple((name, dtype.code, array.shape) for name, dtype, array in typed)
     plan = _HEADERS.get(key)
     if plan is None:
         plan = _header_plan(typed)
-        if len(_HEADERS) < _HEADERS_KEPT:
+        if len(_HEADERS) < _PLANS_KEPT:
             _HEADERS[key] = plan
+    return _write(plan, [array for _, _, array in typed])
+
+
+def _write(plan: _Plan, arrays: Sequence[np.ndarray]) -> bytearray:
     header, offsets, size = plan
     out = bytearray(size)
     out[:len(header)] = header
     view = memoryview(out)
-    for (_, dtype, array), offset in zip(typed, offsets):
+    for array, offset in zip(arrays, offsets):
         if array.nbytes:
-            view[offset:offset + array.nbytes] = np.ascontiguousarray(array, dtype.np).reshape(-1).view(np.uint8)
+            view[offset:offset + array.nbytes] = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
     view.release()
     return out
 
 
-def encode_outputs(signature: Signature, outputs) -> bytearray:
-    """A model's outputs (a mapping by name, a sequence in signature order, or one array for a
-    one-output model) as the INFER reply body, checked against the signature."""
-    specs = signature.outputs
-    if isinstance(outputs, Mapping):
-        arrays = [outputs.get(s.name) for s in specs]
-        if len(outputs) != len(specs) or any(a is None for a in arrays):
-            raise TypeError(f"model outputs {sorted(outputs)}; the signature declares "
-                            f"{[s.name for s in specs]}")
-    elif isinstance(outputs, (list, tuple)):
-        arrays = list(outputs)
-    else:
-        arrays = [outputs]
-    if len(arrays) != len(specs):
-        raise TypeError(f"model returned {len(arrays)} output(s); the signature declares "
-                        f"{len(specs)}")
-    pairs = []
-    for spec, array in zip(specs, arrays):
-        array = np.asarray(array)
-        if dtype_of(array.dtype).code != spec.dtype.code:
-            # numpy widens easily (a float64 result for an FP32 output): convert within the
-            # same kind of number, and refuse a change of kind, which is a model bug.
-            if array.dtype.kind != spec.dtype.np.kind:
-                raise TypeError(f"output {spec.name!r}: dtype {array.dtype}, the signature says "
-                                f"{spec.dtype.name}")
-            array = array.astype(spec.dtype.np)
-        shape = array.shape
-        if len(shape) != len(spec.shape) or not all(w == -1 or w == g
-                                                    for w, g in zip(spec.shape, shape)):
-            raise TypeError(f"output {spec.name!r}: shape {list(array.shape)}, the signature says "
-                            f"{list(spec.shape)}")
-        pairs.append((spec.name, array))
-    return encode(pairs)
+class OutputEncoder:
+    """Encodes a model's outputs (a mapping by name, a sequence in signature order, or one
+    array for a one-output model) as INFER reply bodies, checked against the signature. The
+    check and the header are done once per distinct output shapes; a reply of shapes already
+    seen, in the declared dtypes, goes straight to the copy."""
+
+    __slots__ = ("specs", "_names", "_dtypes", "_plans")
+
+    def __init__(self, signature: Signature):
+        self.specs = signature.outputs
+        self._names = [s.name for s in self.specs]
+        self._dtypes = [s.dtype.np for s in self.specs]
+        self._plans: dict[tuple[tuple[int, ...], ...], _Plan] = {}
+
+    def encode(self, outputs) -> bytearray:
+        arrays = self._ordered(outputs)
+        if all(type(a) is np.ndarray and a.dtype == d for a, d in zip(arrays, self._dtypes)):
+            plan = self._plans.get(tuple(a.shape for a in arrays))
+            if plan is not None:
+                return _write(plan, arrays)
+        arrays = self._checked(arrays)
+        key = tuple(a.shape for a in arrays)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = _header_plan([(s.name, s.dtype, a) for s, a in zip(self.specs, arrays)])
+            if len(self._plans) < _PLANS_KEPT:
+                self._plans[key] = plan
+        return _write(plan, arrays)
+
+    def _ordered(self, outputs) -> list:
+        if isinstance(outputs, (dict, Mapping)):  # dict first: the ABC check is slow
+            arrays = [outputs.get(name) for name in self._names]
+            if len(outputs) != len(self._names) or any(a is None for a in arrays):
+                raise TypeError(f"model outputs {sorted(outputs)}; the signature declares "
+                                f"{self._names}")
+            return arrays
+        arrays = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+        if len(arrays) != len(self._names):
+            raise TypeError(f"model returned {len(arrays)} output(s); the signature declares "
+                            f"{len(self._names)}")
+        return arrays
+
+    def _checked(self, arrays: list) -> list[np.ndarray]:
+        checked = []
+        for spec, array in zip(self.specs, arrays):
+            array = np.asarray(array)
+            if dtype_of(array.dtype).code != spec.dtype.code:
+                # numpy widens easily (a float64 result for an FP32 output): convert within
+                # the same kind of number, and refuse a change of kind, which is a model bug.
+                if array.dtype.kind != spec.dtype.np.kind:
+                    raise TypeError(f"output {spec.name!r}: dtype {array.dtype}, the signature "
+                                    f"says {spec.dtype.name}")
+            if array.dtype != spec.dtype.np:  # also a big-endian array of the right kind
+                array = array.astype(spec.dtype.np)
+            shape = array.shape
+            if len(shape) != len(spec.shape) or not all(w == -1 or w == g
+                                                        for w, g in zip(spec.shape, shape)):
+                raise TypeError(f"output {spec.name!r}: shape {list(array.shape)}, the signature "
+                                f"says {list(spec.shape)}")
+            checked.append(array)
+        return checked

@@ -58,9 +58,75 @@ def test_round_trip_every_dtype_is_a_view(dtype):
 
 def test_outputs_checked_against_signature():
     with pytest.raises(TypeError, match="shape"):
-        tensors.encode_outputs(SIGNATURE, np.zeros((2, 4), np.float32))
+        tensors.OutputEncoder(SIGNATURE).encode(np.zeros((2, 4), np.float32))
     with pytest.raises(TypeError, match="dtype"):
-        tensors.encode_outputs(SIGNATURE, np.zeros((2, 3), np.int32))
-    body = tensors.encode_outputs(SIGNATURE, np.zeros((2, 3), np.float64))  # same kind: cast
+        tensors.OutputEncoder(SIGNATURE).encode(np.zeros((2, 3), np.int32))
+    body = tensors.OutputEncoder(SIGNATURE).encode(np.zeros((2, 3), np.float64))  # same kind: cast
     [(name, y)] = tensors.decode(body)
     assert name == "y" and y.dtype == np.float32
+
+
+def test_output_encoder_checks_every_reply_after_a_shape_is_known():
+    # The first reply of a shape leaves a plan behind; later replies of that shape skip the
+    # checks only while they are already in the declared dtype, and nothing else may pass.
+    encoder = tensors.OutputEncoder(SIGNATURE)
+    first = np.arange(6, dtype=np.float32).reshape(2, 3)
+    assert tensors.decode(encoder.encode(first))[0][1].tolist() == first.tolist()
+    again = first[::-1] * 2
+    [(_, y)] = tensors.decode(encoder.encode({"y": again}))
+    assert y.tolist() == again.tolist()
+    big_endian = first.astype(">f4")
+    assert tensors.decode(encoder.encode(big_endian))[0][1].tolist() == first.tolist()
+    with pytest.raises(TypeError, match="dtype"):
+        encoder.encode(first.astype(np.int32))
+    with pytest.raises(TypeError, match="shape"):
+        encoder.encode(np.zeros((2, 3, 1), np.float32))
+    with pytest.raises(TypeError, match="signature declares"):
+        encoder.encode({"y": first, "z": first})
+    assert bytes(encoder.encode(first.T.copy().T)) == bytes(tensors.encode([("y", first)]))
+
+
+def test_encode_writes_little_endian_whatever_the_array_order():
+    array = np.arange(5, dtype=">i4")
+    body = tensors.encode([("a", array)])
+    assert body == tensors.encode([("a", array.astype("<i4"))])
+    assert tensors.decode(body)[0][1].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_dispatcher_binds_each_request_by_its_own_header_whatever_came_before():
+    # The dispatcher reuses the last request's binding when the header bytes repeat: requests
+    # of other shapes, other names and a corrupt header in between must each get their own.
+    from shmserve import Model
+    from shmserve.dispatch import Dispatcher, Request
+    from shmserve.protocol import MsgType
+
+    class Double(Model):
+        signature = tensors.Signature([tensors.TensorSpec("x", "float32", (-1, -1))],
+                                      [tensors.TensorSpec("y", "float32", (-1, -1))], 8)
+
+        def infer(self, inputs):
+            return {"y": inputs["x"] * 2}
+
+    class Captured(Request):
+        __slots__ = ("replies",)
+
+        def _send(self, msg_type, payload, final):
+            self.replies = (msg_type, bytes(payload))
+
+    dispatcher = Dispatcher(Double())
+    wide, narrow = np.arange(8, dtype=np.float32).reshape(2, 4), np.ones((1, 3), np.float32)
+    bodies = [tensors.encode([("x", wide)]), tensors.encode([("x", narrow)]),
+              tensors.encode([("x", wide + 1)]), tensors.encode([("", narrow * 3)]),
+              tensors.encode([("x", wide)])]
+    corrupt = bytearray(bodies[0])
+    corrupt[8] = 99  # the first tensor's dtype code
+    for body in bodies[:2] + [corrupt] + bodies[2:]:
+        request = Captured(MsgType.INFER, memoryview(bytearray(body)))
+        dispatcher.dispatch([request])
+        msg_type, reply = request.replies
+        if body is corrupt:
+            assert msg_type == MsgType.ERROR
+            continue
+        [(name, got)] = tensors.decode(reply)
+        assert msg_type == MsgType.INFER and name == "y"
+        assert got.tolist() == (tensors.decode(body)[0][1] * 2).tolist()
