@@ -7,7 +7,6 @@
 
 The Go tests and examples/go call them with Infer over every transport.
 """
-import numpy as np
 
 import shmserve
 from shmserve import Signature, TensorSpec
