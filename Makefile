@@ -149,24 +149,26 @@ check-arm64: $(VENV_ALL)
 # arm64 binary only runs through qemu, which the kernel would need binfmt_misc to know. The two
 # classify tests are skipped: they serve the CIFAR model, whose LiteRT runtime the root lacks.
 ARM64_ROOT := .arm64/root
-ARM64_PY := python3.13
+ARM64_SERVER := .arm64/shmserve
 .PHONY: test-arm64
 test-arm64: check-arm64
 	@command -v qemu-aarch64 >/dev/null || { [ "$$(id -u)" = 0 ] && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q qemu-user >/dev/null; } || \
 	  { echo "test-arm64: needs qemu-aarch64 (apt-get install qemu-user)" >&2; exit 1; }
 	$(VENV)/bin/python tests/arm64/make_root.py $(ARM64_ROOT)
-	root=$$PWD/$(ARM64_ROOT); \
+	root=$$PWD/$(ARM64_ROOT) server=$$PWD/$(ARM64_SERVER); \
+	set -- $$(QEMU_LD_PREFIX=$$root PYTHONHOME=$$root/usr qemu-aarch64 $$root/python -c \
+	  'import sysconfig; print(sysconfig.get_paths()["include"], sysconfig.get_config_var("EXT_SUFFIX"))'); \
 	for module in _ring _stream; do \
-	  $(ARM64_CC) $(ARM64_CFLAGS) -shared -I$$root/usr/include/$(ARM64_PY) -idirafter $$root/usr/include \
-	    shmserve/$$module.c -o shmserve/$$module.cpython-313-aarch64-linux-gnu.so -lpthread || exit 1; \
+	  $(ARM64_CC) $(ARM64_CFLAGS) -shared -I$$1 -idirafter $$root/usr/include \
+	    shmserve/$$module.c -o shmserve/$$module$$2 -lpthread || exit 1; \
 	done; \
 	printf '%s\n' '#!/bin/sh' \
 	  "export QEMU_LD_PREFIX=$$root PYTHONHOME=$$root/usr PYTHONPATH=$$PWD:$$root/site" \
-	  "exec qemu-aarch64 $$root/usr/bin/$(ARM64_PY) -m shmserve.cli \"\$$@\"" > .arm64/shmserve; \
-	chmod +x .arm64/shmserve; \
-	.arm64/shmserve models >/dev/null && \
-	cd goclient && QEMU_LD_PREFIX=$$root SHMSERVE_BIN=$$root/../shmserve \
+	  "exec qemu-aarch64 $$root/python -m shmserve.cli \"\$$@\"" > $$server; \
+	chmod +x $$server; \
+	$$server models >/dev/null && \
+	cd goclient && QEMU_LD_PREFIX=$$root SHMSERVE_BIN=$$server \
 	  GOARCH=arm64 CGO_ENABLED=1 CC=$(ARM64_CC) \
 	  $(GO) test -count=1 -p 1 -exec qemu-aarch64 \
 	  -skip 'TestSIGKILLedParentStopsItsServer|TestCrossLanguageClassifyOverEveryTransport|TestSpawnServesTheCommandAndStopsAtExit' ./...

@@ -86,6 +86,7 @@ def main() -> int:
         subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
     for top in ("lib", "bin"):  # trixie's merged /usr: base-files would make these links
         (root / top).symlink_to(f"usr/{top}")
+    (root / "python").symlink_to(f"usr/bin/python{PYTHON}")  # what the Makefile runs
     site = root / "site"
     site.mkdir()
     tag = PYTHON.replace(".", "")
