@@ -12,6 +12,8 @@ minutes rather than hours. Only inputs that decoded into arguments and ran are c
         --out bench/results/fuzz-python.md
 
 ``--engine search`` runs hypothesis' own generator instead, in chunks of fresh seeds.
+``--split N`` shares each property's target among N workers (each draws its own buffers and
+serves its own ring), so one run of one slow property can use every CPU.
 A failing property stops its worker; the failing buffer is saved under bench/results/tmp/
 (replay it with ``test.hypothesis.fuzz_one_input(buffer)``), the report carries the
 traceback, and the script exits 1.
@@ -48,7 +50,8 @@ def load_properties(chunk: int):
     return importlib.import_module("test_properties")
 
 
-def run_property(name: str, examples: int, engine: str, chunk: int, max_seconds: float) -> dict:
+def run_property(name: str, examples: int, engine: str, chunk: int, max_seconds: float,
+                 worker: int) -> dict:
     import logging
     # Killed with SIGTERM, still unlink the in-process ring the ring property created.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -78,14 +81,24 @@ def run_property(name: str, examples: int, engine: str, chunk: int, max_seconds:
         failure = traceback.format_exc(limit=-8)
         if engine == "buffers":
             os.makedirs(os.path.join(REPO, "bench", "results", "tmp"), exist_ok=True)
-            path = os.path.join(REPO, "bench", "results", "tmp", f"{name}.failing")
+            path = os.path.join(REPO, "bench", "results", "tmp", f"{name}.{worker}.failing")
             with open(path, "wb") as f:
                 f.write(buffer)
             failure += f"\nfailing buffer saved to {path}\n"
     finally:
         module.close_harness()
     return {"name": name, "examples": count, "seconds": time.monotonic() - started,
-            "calls": calls, "failure": failure, "target": examples}
+            "calls": calls, "failure": failure, "target": examples, "workers": 1}
+
+
+def merge(shares: list[dict]) -> dict:
+    """One property's result from the workers that shared its target."""
+    return {"name": shares[0]["name"], "workers": len(shares),
+            "examples": sum(r["examples"] for r in shares),
+            "target": sum(r["target"] for r in shares),
+            "seconds": max(r["seconds"] for r in shares),
+            "calls": sum(r["calls"] for r in shares),
+            "failure": "\n".join(r["failure"] for r in shares if r["failure"]) or None}
 
 
 # Enough for the largest argument any property draws (five ring records of up to 400 bytes);
@@ -126,14 +139,14 @@ def report(results: list[dict], args, wall: float, started: datetime.datetime,
         f"- engine: {args.engine}; wall time {wall / 60:.1f} min with {args.jobs} worker "
         "process(es)",
         "",
-        "| property | target | inputs executed | seconds | inputs/s | result |",
-        "|---|---:|---:|---:|---:|---|",
+        "| property | target | workers | inputs executed | seconds | inputs/s | result |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         rate = r["examples"] / r["seconds"] if r["seconds"] else 0
         verdict = "FAILED" if r["failure"] else ("passed" if r["examples"] >= r["target"]
                                                  else "passed (stopped at time limit)")
-        lines.append(f"| `{r['name']}` | {r['target']:,} | {r['examples']:,} | "
+        lines.append(f"| `{r['name']}` | {r['target']:,} | {r['workers']} | {r['examples']:,} | "
                      f"{r['seconds']:.0f} | {rate:,.0f} | {verdict} |")
     total = sum(r["examples"] for r in results)
     lines += ["", f"Total: {total:,} inputs.", ""]
@@ -155,6 +168,8 @@ def main() -> int:
                         help="search engine: max_examples per run (each run is a fresh seed; "
                         "big runs make hypothesis keep a large tree of what it tried)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--split", type=int, default=1, metavar="N",
+                        help="share each property's target among N workers")
     parser.add_argument("--only", nargs="*", help="property names (default: all)")
     parser.add_argument("--max-seconds", type=float, default=6 * 3600,
                         help="per-property time limit; a property that hits it is reported "
@@ -173,19 +188,24 @@ def main() -> int:
         targets[name] = int(count)
     started, started_at, source = time.monotonic(), datetime.datetime.now(datetime.timezone.utc), \
         source_state()
+    if args.split < 1:
+        parser.error("--split must be at least 1")
     with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
         # Biggest targets first, so the pool does not end on one long straggler.
-        futures = {pool.submit(run_property, name, targets[name], args.engine, args.chunk,
-                               args.max_seconds): name
-                   for name in sorted(names, key=lambda n: -targets[n])}
-        results = []
+        futures = {}
+        for name in sorted(names, key=lambda n: -targets[n]):
+            share, extra = divmod(targets[name], args.split)
+            for worker in range(args.split):
+                futures[pool.submit(run_property, name, share + (worker < extra), args.engine,
+                                    args.chunk, args.max_seconds, worker)] = name
+        shares: dict[str, list[dict]] = {name: [] for name in names}
         for future in concurrent.futures.as_completed(futures):
             result = future.result()
-            results.append(result)
+            shares[result["name"]].append(result)
             print(f"{result['name']}: {result['examples']:,} inputs in "
                   f"{result['seconds']:.0f} s{' FAILED' if result['failure'] else ''}",
                   flush=True)
-    results.sort(key=lambda r: names.index(r["name"]))
+    results = [merge(shares[name]) for name in names]
     text = report(results, args, time.monotonic() - started, started_at, source)
     if args.out:
         keep = args.append and os.path.exists(args.out)
