@@ -223,12 +223,13 @@ static void publish(RingObject *r, uint32_t slot, uint32_t seq, uint64_t id, uin
 /* -- scanning ---------------------------------------------------------------------------- */
 
 /* Takes every new request (up to max_ready handed to Python), answering echoes in place,
- * and collects cancel/ack events of watched slots. Runs without the GIL. */
-static void scan(RingObject *r, uint32_t max_ready, uint32_t *n_ready, uint32_t *n_events) {
+ * and collects cancel/ack events of watched slots. Runs without the GIL. Returns whether
+ * notify() was called since the last scan. */
+static int scan(RingObject *r, uint32_t max_ready, uint32_t *n_ready, uint32_t *n_events) {
     uint32_t n = 0, ne = 0;
     r->rescan = 0;
     r->bell = atomic_load_explicit(word64(r->base + H_DOORBELL), memory_order_acquire);
-    atomic_store_explicit(&r->notified, 0, memory_order_relaxed);
+    int notified = (int)atomic_exchange_explicit(&r->notified, 0, memory_order_acquire);
     for (uint32_t slot = 0; slot < r->slot_count; slot++) {
         unsigned char *s = slot_base(r, slot);
         uint32_t seq = load_acquire32(s + S_REQ_SEQ);
@@ -264,6 +265,24 @@ static void scan(RingObject *r, uint32_t max_ready, uint32_t *n_ready, uint32_t 
     }
     *n_ready = n;
     *n_events = ne;
+    return notified;
+}
+
+/* Waits and scans until there is something for Python: new requests that are not echoes,
+ * events, a notify(), or the end of the wait (spin_ns + block_ns from the call). Wake-ups
+ * that brought only echoes, answered by scan, wait again here: returning to the
+ * interpreter after each would cost more than the echo, and a request that arrives while
+ * the interpreter runs waits for it. */
+static void serve_until_work(RingObject *r, int64_t spin_ns, int64_t block_ns,
+                             uint32_t max_ready, uint32_t *n_ready, uint32_t *n_events) {
+    int64_t give_up = now_ns() + (spin_ns > 0 ? spin_ns : 0) + (block_ns > 0 ? block_ns : 0);
+    for (int64_t left = block_ns;;) {
+        if (!r->rescan) wait_for_bell(r, spin_ns, left);
+        int notified = scan(r, max_ready, n_ready, n_events);
+        if (*n_ready || *n_events || notified || r->rescan) return;
+        left = give_up - now_ns();
+        if (left <= 0) return;
+    }
 }
 
 /* -- Python methods ---------------------------------------------------------------------- */
@@ -294,7 +313,8 @@ PyDoc_STRVAR(poll_doc,
 "poll(spin_ns, block_ns, max_ready) -> (requests, events)\n\n"
 "Waits (GIL released) until the doorbell moves or notify() is called: spins for spin_ns,\n"
 "then blocks up to block_ns in timed semaphore waits. Returns at once when the last poll\n"
-"left work behind or watch() changed a flag. Then scans every slot: answers echoes in place,\n"
+"left work behind or watch() changed a flag. Then scans every slot: answers echoes in place\n"
+"(a scan that found nothing else waits again, within spin_ns + block_ns of the call),\n"
 "returns at most max_ready new requests as (slot, seq, req_id, type, length, owner), unchecked\n"
 "(length and owner are as read: the caller validates them), and (slot, kind) events of\n"
 "watched slots: EVENT_CANCEL when cancel_seq names the slot's request, EVENT_ACK when a\n"
@@ -312,8 +332,7 @@ static PyObject *Ring_poll(RingObject *r, PyObject *args) {
     if (max_ready > r->slot_count) max_ready = r->slot_count;
     uint32_t n = 0, ne = 0;
     Py_BEGIN_ALLOW_THREADS
-    if (!r->rescan) wait_for_bell(r, spin_ns, block_ns);
-    scan(r, max_ready, &n, &ne);
+    serve_until_work(r, spin_ns, block_ns, max_ready, &n, &ne);
     Py_END_ALLOW_THREADS
     PyObject *requests = PyList_New(n), *events = PyList_New(ne), *result = NULL;
     if (!requests || !events) goto done;

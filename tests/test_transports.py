@@ -1,17 +1,25 @@
-"""Echo, errors and framing against a real server over the ring, the Unix socket and TCP."""
+"""Echo, errors and framing against a real server over the ring, the Unix socket and TCP;
+the ring's native wait, in-process."""
 import concurrent.futures
+import json
 import os
 import re
+import secrets
 import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
+from shmserve import layout as L
 from shmserve.client import PacketClient, RingClient, ServerError
+from shmserve.dispatch import Dispatcher
+from shmserve.models.echo import EchoModel
 from shmserve.protocol import ErrorCode, MsgType, encode_prompt
+from shmserve.transports.shm import ShmTransport
 
 
 @pytest.fixture
@@ -197,3 +205,29 @@ def test_a_long_error_is_one_final_frame_cut_at_a_code_point(start_server):
     assert len(seen) == 1 and seen[0].final and seen[0].msg_type == MsgType.ERROR
     assert seen[0].length <= 64
     assert "\ufffd" not in str(info.value)  # no split code point was replaced
+
+
+def test_one_poll_answers_echoes_until_a_request_needs_python():
+    """The native loop answers ECHO without returning to the interpreter: one wait serves
+    every echo that comes, and ends when a request that Python answers arrives."""
+    name = f"poll{os.getpid()}-{secrets.token_hex(3)}"
+    transport = ShmTransport(Dispatcher(EchoModel()), name, L.Geometry(2, 4096, 4096), spin_us=0)
+    transport._thread_id = threading.get_ident()  # replies written inline, as the ring thread
+    client = RingClient(name)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            def echoes_then_metadata():
+                echoed = [client.echo(bytes([i]) * 100, timeout=30) for i in range(3)]
+                return echoed, client.call(MsgType.METADATA, timeout=30)
+            calls = pool.submit(echoes_then_metadata)
+            started = time.monotonic()
+            transport.serve_once(0, 30_000_000_000)
+            took = time.monotonic() - started
+            echoed, (reply_type, metadata) = calls.result(timeout=30)
+        assert echoed == [bytes([i]) * 100 for i in range(3)]
+        assert transport.inline_echoes == 3, "the wait returned before the METADATA request"
+        assert reply_type == MsgType.METADATA and json.loads(metadata)["name"] == "echo"
+        assert took < 25, "the wait did not end on the request Python answers"
+    finally:
+        client.close()
+        transport.close()
