@@ -8,6 +8,7 @@ package load
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -26,8 +27,13 @@ const (
 // Options says how long a run warms up and what ends its measured phase.
 // The zero value warms up for nothing and measures nothing.
 type Options struct {
-	// Timeout bounds each call on its own; 0 leaves calls bounded by the
-	// run's context only.
+	// Timeout bounds each call on its own: a call still running Timeout
+	// after it started fails the run (with an error wrapping
+	// context.DeadlineExceeded), which cancels it, within Timeout/8 (at most
+	// a second) more. One watchdog checks every worker instead of a context
+	// deadline per call, whose timer would cost a sub-microsecond call a
+	// large share of what is measured. 0 leaves calls bounded by the run's
+	// context only.
 	Timeout time.Duration
 
 	// The warm-up is WarmupCalls calls, or lasts WarmupDuration; at most one
@@ -73,7 +79,8 @@ func Run(ctx context.Context, calls []func(context.Context) error, options Optio
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	r := &run{Options: options, counts: make([]counter, len(calls)), cancel: cancel,
-		measuring: make(chan struct{}), failed: make(chan struct{})}
+		measuring: make(chan struct{}), failed: make(chan struct{}),
+		calling: make([]counter, len(calls)), epoch: time.Now()}
 	histograms := make([]*hdrhistogram.Histogram, len(calls))
 	for i := range histograms {
 		histograms[i] = hdrhistogram.New(histogramMin, histogramMax, histogramDigits)
@@ -83,10 +90,17 @@ func Run(ctx context.Context, calls []func(context.Context) error, options Optio
 	}
 	var wg sync.WaitGroup
 	for i, call := range calls {
-		wg.Go(func() { r.work(ctx, call, histograms[i], &r.counts[i]) })
+		wg.Go(func() { r.work(ctx, call, histograms[i], &r.counts[i], &r.calling[i]) })
 	}
+	watchdog := make(chan struct{})
+	go func() {
+		defer close(watchdog)
+		r.watch(ctx)
+	}()
 	r.endTimedPhases(ctx)
 	wg.Wait()
+	cancel()
+	<-watchdog
 
 	result := Result{Latency: hdrhistogram.New(histogramMin, histogramMax, histogramDigits)}
 	if !r.started.IsZero() {
@@ -137,29 +151,31 @@ type run struct {
 	err     error
 	cancel  context.CancelFunc
 	failed  chan struct{}
+
+	// calling[i] is when worker i's call in progress started, in ns since
+	// epoch plus one (0: between calls), for the watchdog.
+	calling []counter
+	epoch   time.Time
 }
 
-// counter is one worker's count of measured calls, alone on its cache line
-// so that the workers do not slow each other down by counting.
+// counter is one worker's number, alone on its cache line so that the
+// workers do not slow each other down by writing theirs.
 type counter struct {
 	atomic.Int64
 	_ [56]byte
 }
 
-func (r *run) work(ctx context.Context, call func(context.Context) error, histogram *hdrhistogram.Histogram, count *counter) {
+func (r *run) work(ctx context.Context, call func(context.Context) error, histogram *hdrhistogram.Histogram, count, calling *counter) {
 	for {
 		measured, ok := r.claim()
 		if !ok {
 			return
 		}
-		callCtx, cancel := ctx, context.CancelFunc(func() {})
-		if r.Timeout > 0 {
-			callCtx, cancel = context.WithTimeout(ctx, r.Timeout)
-		}
 		sent := time.Now()
-		err := call(callCtx)
+		calling.Store(int64(sent.Sub(r.epoch)) + 1)
+		err := call(ctx)
 		took := time.Since(sent)
-		cancel()
+		calling.Store(0)
 		if err != nil {
 			r.fail(err)
 			return
@@ -266,6 +282,31 @@ func (r *run) sleep(ctx context.Context, d time.Duration) bool {
 		r.fail(context.Cause(ctx))
 	}
 	return false
+}
+
+// watch fails the run when a call has run longer than Timeout, until ctx
+// ends.
+func (r *run) watch(ctx context.Context) {
+	if r.Timeout == 0 {
+		return
+	}
+	ticker := time.NewTicker(min(max(r.Timeout/8, time.Millisecond), time.Second))
+	defer ticker.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-ticker.C:
+		}
+		now := int64(time.Since(r.epoch))
+		for i := range r.calling {
+			if started := r.calling[i].Load(); started != 0 && now-(started-1) >= int64(r.Timeout) {
+				r.fail(fmt.Errorf("load: a call ran past its timeout of %v: %w", r.Timeout,
+					context.DeadlineExceeded))
+				return
+			}
+		}
+	}
 }
 
 func (r *run) measuredCalls() int64 {

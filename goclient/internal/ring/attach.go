@@ -237,6 +237,7 @@ func (r *Ring) initSlots(cfg Config) {
 		s.cancelSeq = atomicU32(s.mem, SlotCancelSeqOffset)
 		s.frameSeq = atomicU32(s.mem, SlotFrameSeqOffset)
 		s.sem = r.slotSems[i]
+		s.initFrameMoved()
 		r.free <- s
 	}
 	r.claimPatience = cfg.ClaimPatience

@@ -58,6 +58,21 @@ type slot struct {
 	cancelSeq *atomic.Uint32
 	frameSeq  *atomic.Uint32
 	sem       *posixsem.Semaphore
+
+	// frameMoved reports whether frame_seq moved from waitFrom, storing
+	// what it read in seen: made once per slot, so a wait allocates no
+	// closure. Only the goroutine holding the slot (or the Waiter's leader
+	// polling for it) calls it.
+	frameMoved func() bool
+	waitFrom   uint32
+	seen       uint32
+}
+
+func (s *slot) initFrameMoved() {
+	s.frameMoved = func() bool {
+		s.seen = s.frameSeq.Load()
+		return s.seen != s.waitFrom
+	}
 }
 
 // request is one request in flight in a claimed slot.
@@ -101,6 +116,9 @@ func (r *Ring) Call(ctx context.Context, typ protocol.MsgType, body []byte, onFr
 		// A stopping server would only answer SHUTTING_DOWN; retiring the ring
 		// lets the caller attach to its successor.
 		return notSent{r.markDead(fmt.Sprintf("server is %v", state))}
+	}
+	if err := ctx.Err(); err != nil { // claim's fast path would not look
+		return notSent{err}
 	}
 	s, err := r.claim(ctx)
 	if err != nil {
@@ -151,12 +169,19 @@ func (r *Ring) claim(ctx context.Context) (*slot, error) {
 	var heldSince time.Time // the first time a slot was found held by another process
 	for failures := 1; ; failures++ {
 		var s *slot
+		// A free slot is the common case: a receive alone is far cheaper than
+		// the select, which locks all three channels (and makes ctx allocate
+		// its done channel).
 		select {
 		case s = <-r.free:
-		case <-ctx.Done():
-			return nil, r.claimFailed(heldSince, ctx.Err())
-		case <-r.dead:
-			return nil, *r.deadErr.Load()
+		default:
+			select {
+			case s = <-r.free:
+			case <-ctx.Done():
+				return nil, r.claimFailed(heldSince, ctx.Err())
+			case <-r.dead:
+				return nil, *r.deadErr.Load()
+			}
 		}
 		if s.owner.CompareAndSwap(0, r.pid) {
 			return s, nil
@@ -254,15 +279,11 @@ func (r *Ring) receive(ctx context.Context, req request, onFrame func(Frame) err
 // may still write there.
 func (r *Ring) nextFrame(ctx context.Context, w *Waiter, req *request) (Frame, error) {
 	s := req.slot
-	seq := req.lastFrame
-	changed := func() bool {
-		seq = s.frameSeq.Load()
-		return seq != req.lastFrame
-	}
-	if err := w.Await(ctx, s.sem, changed, r.checkAlive); err != nil {
+	s.waitFrom = req.lastFrame
+	if err := w.Await(ctx, s.sem, s.frameMoved, r.checkAlive); err != nil {
 		return Frame{}, err
 	}
-	req.lastFrame = seq
+	req.lastFrame = s.seen
 	header, err := ValidateFrame(s.mem[SlotFrameSeqOffset:SlotDataOffset], r.geo.RespCapacity, req.seq, req.id)
 	if err != nil {
 		r.abandon(s, err)

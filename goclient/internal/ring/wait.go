@@ -123,15 +123,16 @@ func (w *Waiter) Await(ctx context.Context, sem *posixsem.Semaphore, changed fun
 		w.count(false)
 		return nil
 	}
+	var start time.Time
 	if w.spin > 0 {
-		start := time.Now()
+		start = time.Now()
 		defer func() {
 			if err == nil { // only a wait that saw its change says how long waits take
 				w.observe(time.Since(start))
 			}
 		}()
 	}
-	if w.spinUntil(ctx, changed) {
+	if w.spinUntil(ctx, changed, start) {
 		w.count(false)
 		return nil
 	}
@@ -194,23 +195,23 @@ func (w *Waiter) count(blocked bool) {
 	}
 }
 
-// spinUntil reports whether changed turned true within the spin budget: as
-// the leader, polling it itself, or parked until the leader answers.
-func (w *Waiter) spinUntil(ctx context.Context, changed func() bool) bool {
+// spinUntil reports whether changed turned true within the spin budget
+// (from start): as the leader, polling it itself, or parked until the leader
+// answers.
+func (w *Waiter) spinUntil(ctx context.Context, changed func() bool, start time.Time) bool {
 	if w.spin <= 0 {
 		return false
 	}
 	if w.skipSpins.Load() > 0 && w.skipSpins.Add(-1) >= 0 {
 		return false
 	}
-	me := &spinWait{changed: changed}
 	w.mu.Lock()
 	if !w.leading {
 		w.leading = true
 		w.mu.Unlock()
-		return w.lead(ctx, me)
+		return w.lead(ctx, changed, start)
 	}
-	me.result = make(chan spinResult, 1)
+	me := &spinWait{changed: changed, result: make(chan spinResult, 1)}
 	w.parked = append(w.parked, me)
 	w.version.Add(1)
 	w.mu.Unlock()
@@ -222,25 +223,24 @@ func (w *Waiter) spinUntil(ctx context.Context, changed func() bool) bool {
 		result = <-me.result // the leader's next poll answers
 	}
 	if result == spinLead {
-		return w.lead(ctx, me)
+		return w.lead(ctx, changed, time.Now())
 	}
 	return result == spinChanged
 }
 
-// lead polls me's word, and those of the parked waits, until me's changes
-// or ctx ends, or none of them changed for the spin budget; then it hands
-// the polling on. The budget runs from the last change seen, not from each
-// wait's start: with many calls in flight each waits its turn at the
-// server, which can take longer than the budget while replies keep coming.
-func (w *Waiter) lead(ctx context.Context, me *spinWait) bool {
+// lead polls its own word (mine), and those of the parked waits, until
+// mine changes or ctx ends, or none of them changed for the spin budget;
+// then it hands the polling on. The budget runs from the last change seen
+// (lastChange, at first when the lead began), not from each wait's start:
+// with many calls in flight each waits its turn at the server, which can
+// take longer than the budget while replies keep coming.
+func (w *Waiter) lead(ctx context.Context, mine func() bool, lastChange time.Time) bool {
 	failed := false
 	defer func() { w.handOff(failed) }()
-	done := ctx.Done()
-	lastChange := time.Now()
 	var watched []*spinWait
 	watchedVersion := ^uint64(0)
 	for polls := 1; ; polls++ {
-		if me.changed() {
+		if mine() {
 			w.spinPause.Store(0)
 			return true
 		}
@@ -265,10 +265,8 @@ func (w *Waiter) lead(ctx context.Context, me *spinWait) bool {
 		if polls%pollsPerYield != 0 {
 			continue
 		}
-		select {
-		case <-done:
+		if ctx.Err() != nil { // not ctx.Done(): that would allocate its channel
 			return false
-		default:
 		}
 		now := time.Now()
 		if lastChange.IsZero() {
