@@ -52,14 +52,16 @@ def test_a_ratio_goal_takes_the_median_over_repetitions_and_the_lower_floor():
     cell(r, "floor-spin", [1.0, 1.0, 1.0])
     cell(r, "unix", [30.0, 30.0, 30.0])
     cell(r, "shm-block", [6.0, 6.0, 6.0])
+    cell(r, "shm-block-1cpu", [5.0, 9.0, 3.0])
     cell(r, "floor-sem-1cpu", [2.0, 8.0, 2.0])
     cell(r, "floor-sem-2cpu", [4.0, 4.0, 5.0])
     g = by_name(goals(r, sections()[0]))
     # HdrHistogram keeps 3 significant digits: values are exact to 0.1 %.
     assert g["shm-vs-spin-floor"].value == pytest.approx(3.0, rel=1e-3) and g["shm-vs-spin-floor"].verdict == "FAIL"
     assert g["shm-vs-unix"].value == pytest.approx(10.0, rel=1e-3) and g["shm-vs-unix"].verdict == "PASS"
-    # Per repetition the lower floor: 6/2, 6/4, 6/2 -> median 3.
-    assert g["block-vs-sem-floor"].value == pytest.approx(3.0, rel=1e-3)
+    # Per repetition the ring's better placement over the lower floor: 5/2, 6/4, 3/2 -> 1.5.
+    assert g["block-vs-sem-floor"].value == pytest.approx(1.5, rel=1e-3)
+    assert "min(shm-block, shm-block-1cpu) 5.00 6.00 3.00" in g["block-vs-sem-floor"].detail
     assert g["shm-vs-zmq"].verdict == "SKIP" and g["shm-vs-zmq"].detail == "not measured"
     assert g["classify-vs-inprocess"].detail == "not in this run"  # the section's reason
 

@@ -1,10 +1,14 @@
 package main
 
 import (
+	"errors"
+	"fmt"
 	"os"
 	"strconv"
 	"strings"
 	"syscall"
+
+	"golang.org/x/sys/unix"
 )
 
 // userHZ is the unit of the CPU times in /proc/PID/stat: fixed at 100 by
@@ -51,4 +55,38 @@ func groupCPU(pgid int) float64 {
 		ticks += utime + stime
 	}
 	return float64(ticks) / userHZ
+}
+
+// pinAll confines every thread of this process to cpu, and returns what
+// puts them back on the CPUs the process had. A thread started meanwhile
+// inherits the set of the thread that starts it, so the whole process stays
+// on cpu until then.
+func pinAll(cpu int) (restore func() error, err error) {
+	var before, one unix.CPUSet
+	if err := unix.SchedGetaffinity(0, &before); err != nil {
+		return nil, fmt.Errorf("reading this process's CPUs: %w", err)
+	}
+	one.Set(cpu)
+	if err := setAll(&one); err != nil {
+		setAll(&before)
+		return nil, fmt.Errorf("pinning to CPU %d: %w", cpu, err)
+	}
+	return func() error { return setAll(&before) }, nil
+}
+
+func setAll(set *unix.CPUSet) error {
+	tasks, err := os.ReadDir("/proc/self/task")
+	if err != nil {
+		return err
+	}
+	for _, task := range tasks {
+		tid, err := strconv.Atoi(task.Name())
+		if err != nil {
+			continue
+		}
+		if err := unix.SchedSetaffinity(tid, set); err != nil && !errors.Is(err, unix.ESRCH) {
+			return err // ESRCH: the thread exited meanwhile
+		}
+	}
+	return nil
 }

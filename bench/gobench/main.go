@@ -55,6 +55,10 @@ type TargetSpec struct {
 	// GoMaxProcs, when set, is this driver's GOMAXPROCS during the target's
 	// cells: a client that leaves the server a CPU of its own.
 	GoMaxProcs int `json:"gomaxprocs"`
+	// CPU, when set, is the one CPU every thread of this driver runs on
+	// during the target's cells (the server pinned to the same one shares
+	// it, as the C floor's one-CPU semaphore placement does).
+	CPU *int `json:"cpu"`
 }
 
 // Cell is one measurement.
@@ -122,12 +126,7 @@ func run() error {
 			return fmt.Errorf("cell names unknown target %q", cell.Target)
 		}
 		spec := plan.Targets[cell.Target]
-		defaultProcs := runtime.GOMAXPROCS(0)
-		if spec.GoMaxProcs > 0 {
-			runtime.GOMAXPROCS(spec.GoMaxProcs)
-		}
-		result, err := runCell(ctx, t, cell, warmup, measure, plan.MinCalls, spec.ServerPGID)
-		runtime.GOMAXPROCS(defaultProcs)
+		result, err := runPlaced(ctx, t, spec, cell, warmup, measure, plan.MinCalls)
 		if err != nil {
 			return fmt.Errorf("%s %s size %d conc %d: %w", cell.Target, cell.Op, cell.Size, cell.Conc, err)
 		}
@@ -136,6 +135,28 @@ func run() error {
 		}
 	}
 	return nil
+}
+
+// runPlaced runs one cell with this driver's GOMAXPROCS and CPUs as spec
+// asks, and puts them back after it.
+func runPlaced(ctx context.Context, t Target, spec TargetSpec, cell Cell, warmup, measure time.Duration, minCalls int64) (result Result, err error) {
+	defaultProcs := runtime.GOMAXPROCS(0)
+	defer runtime.GOMAXPROCS(defaultProcs)
+	if spec.GoMaxProcs > 0 {
+		runtime.GOMAXPROCS(spec.GoMaxProcs)
+	}
+	if spec.CPU != nil {
+		restore, err := pinAll(*spec.CPU)
+		if err != nil {
+			return Result{}, err
+		}
+		defer func() {
+			if restoreErr := restore(); restoreErr != nil && err == nil {
+				err = fmt.Errorf("unpinning after the cell: %w", restoreErr)
+			}
+		}()
+	}
+	return runCell(ctx, t, cell, warmup, measure, minCalls, spec.ServerPGID)
 }
 
 func runCell(ctx context.Context, t Target, cell Cell, warmup, measure time.Duration, minCalls int64, pgid int) (Result, error) {

@@ -3,7 +3,6 @@ model calls; and a stored run's cells read back (Results.from_report)."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
 from pathlib import Path
@@ -12,7 +11,7 @@ import numpy as np
 from hdrh.histogram import HdrHistogram
 
 from .plan import (BENCH, GOBENCH, HIST_ARGS, MIN_CALLS, MODEL_START_TIMEOUT, PINGPONG, PYTHON,
-                   ROOT, BenchError, Config, ModelSection)
+                   ROOT, BenchError, Config, ModelSection, bench_cpus)
 
 
 class Cell:
@@ -99,7 +98,7 @@ class Results:
 
 
 def run_floor(results: Results, config: Config, tmp: Path, rng: random.Random) -> None:
-    cpus = sorted(os.sched_getaffinity(0))[:2]
+    cpus = bench_cpus()
     placements = {"floor-spin": ("spin", cpus[:2]), "floor-sem-1cpu": ("sem", cpus[:1] * 2),
                   "floor-sem-2cpu": ("sem", cpus[:2])}
     runs = [(key, size) for key, (_, pin) in placements.items() if len(pin) == 2

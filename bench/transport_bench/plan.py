@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,7 @@ ECHO_TRANSPORTS = (
     Transport("shm-nometrics", "shm ring, spin then block, metrics off"),
     Transport("shm-spin-1p", "shm ring, spin then block, client GOMAXPROCS=1"),
     Transport("shm-block", "shm ring, block only"),
+    Transport("shm-block-1cpu", "shm ring, block only, client and server on 1 CPU"),
     Transport("unix", "Unix socket, classic packets"),
     Transport("unix-classic", "Unix socket, the classic one-client Python server"),
     Transport("tcp", "TCP loopback, classic packets"),
@@ -75,6 +77,16 @@ FLOORS = (Transport("floor-spin", "C floor, spin, 2 CPUs"),
           Transport("floor-sem-1cpu", "C floor, semaphores, 1 CPU"),
           Transport("floor-sem-2cpu", "C floor, semaphores, 2 CPUs"))
 SEM_FLOORS = ("floor-sem-1cpu", "floor-sem-2cpu")
+
+
+def bench_cpus() -> list[int]:
+    """Where the pinned placements run: the first two CPUs this process may use."""
+    return sorted(os.sched_getaffinity(0))[:2]
+
+
+# The block-only ring is placed as the semaphore floor is, the scheduler's choice standing
+# for two CPUs, so that its best placement is judged against the floor's best.
+BLOCK_PLACEMENTS = ("shm-block", "shm-block-1cpu")
 LABELS = {t.key: t.label for t in (*ECHO_TRANSPORTS, *FLOORS)}
 MODEL_START_TIMEOUT = 180  # the Gemma server imports JAX and compiles before it is ready
 

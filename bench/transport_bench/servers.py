@@ -17,7 +17,8 @@ from shmserve import layout as L
 from shmserve.ready import Ready, parse_ready
 
 from .plan import (BENCH, LONG_SPIN_US, MODEL_START_TIMEOUT, MODEL_TRANSPORTS, MQ_PEERS, PYTHON,
-                   ROOT, SHMSERVE, SLOTS, SPIN_US, BenchError, Config, ModelSection, ring_bytes)
+                   ROOT, SHMSERVE, SLOTS, SPIN_US, BenchError, Config, ModelSection,
+                   bench_cpus, ring_bytes)
 
 
 class Server:
@@ -122,9 +123,15 @@ def start_servers(stack: contextlib.ExitStack, config: Config, tmp: Path,
         path = str(tmp / f"{library}.ipc")
         mq[key] = server(f"{library}-echo", [PYTHON, str(BENCH / "servers" / "mq_echo.py"),
                                              library, "--path", path], socket_path=path)
-    block = server("shmserve-echo-block", [*SHMSERVE, "serve", "--model", "echo", "--transport",
-                                           "shm", "--name", block_name, "--spin-us", "0",
-                                           *geometry], ring_names=[block_name])
+    block_argv = [*SHMSERVE, "serve", "--model", "echo", "--transport", "shm", "--spin-us", "0",
+                  *geometry]
+    block = server("shmserve-echo-block", [*block_argv, "--name", block_name],
+                   ring_names=[block_name])
+    # The one-CPU placement of the semaphore floor: the driver pins itself to the same CPU.
+    one_cpu, block_1cpu_name = bench_cpus()[0], f"{tag}p"
+    block_1cpu = server("shmserve-echo-block-1cpu", ["taskset", "-c", str(one_cpu), *block_argv,
+                                                     "--name", block_1cpu_name],
+                        ring_names=[block_1cpu_name])
     flask = server("flask-gunicorn", [PYTHON, str(BENCH / "servers" / "flask_echo.py")])
     classic_path = str(tmp / "classic.sock")
     classic = server("classic-uds", [PYTHON, str(BENCH / "servers" / "classic_uds_echo.py"),
@@ -146,6 +153,7 @@ def start_servers(stack: contextlib.ExitStack, config: Config, tmp: Path,
     conns = max(config.concs)
     e, flask_url = echo.wait_ready(60), flask.wait_ready(60).address("http")
     block.wait_ready(60)
+    block_1cpu.wait_ready(60)
     # Each server leads its own session, so its pid is its process group.
     targets = {
         "shm-spin": {"url": f"shm://{spin_name}", "spin_us": SPIN_US, "server_pgid": echo.pid},
@@ -154,6 +162,8 @@ def start_servers(stack: contextlib.ExitStack, config: Config, tmp: Path,
         "shm-spin-1p": {"url": f"shm://{spin_name}", "spin_us": SPIN_US, "server_pgid": echo.pid,
                         "gomaxprocs": 1},
         "shm-block": {"url": f"shm://{block_name}", "spin_us": 0, "server_pgid": block.pid},
+        "shm-block-1cpu": {"url": f"shm://{block_1cpu_name}", "spin_us": 0,
+                           "server_pgid": block_1cpu.pid, "cpu": one_cpu, "gomaxprocs": 1},
         "unix": {"url": e.address("unix"), "conns": conns, "server_pgid": echo.pid},
         "tcp": {"url": e.address("tcp"), "conns": conns, "server_pgid": echo.pid},
         "http-uvicorn": {"url": e.address("http"), "conns": conns, "server_pgid": echo.pid},
@@ -192,6 +202,6 @@ def start_servers(stack: contextlib.ExitStack, config: Config, tmp: Path,
             "http": {"url": ready.address("http"), "conns": conns},
         }.items():
             targets[f"{section.key}-{t}"] = spec | {"server_pgid": s.pid}
-    servers = [echo, bare, block, flask, classic, grpc, *mq.values(), *model_servers.values()]
+    servers = [echo, bare, block, block_1cpu, flask, classic, grpc, *mq.values(), *model_servers.values()]
     return {"targets": targets, "skipped": skipped,
             "servers": {s.name: s.proc.args for s in servers}}
