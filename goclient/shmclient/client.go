@@ -160,12 +160,18 @@ func (c *Client) fallbackTransport(ctx context.Context) (transport, error) {
 
 // Echo sends data and returns the server's byte-identical copy.
 func (c *Client) Echo(ctx context.Context, data []byte) ([]byte, error) {
-	reply := []byte{}
+	return c.EchoAppend(ctx, []byte{}, data)
+}
+
+// EchoAppend is Echo that appends the copy to dst and returns the extended
+// slice, as strconv.AppendInt does: a caller that passes the last reply
+// back as dst[:0] allocates nothing per call once it is large enough.
+func (c *Client) EchoAppend(ctx context.Context, dst, data []byte) ([]byte, error) {
 	err := c.roundTrip(ctx, protocol.TypeEcho, data, func(body []byte) error {
-		reply = append(reply, body...)
+		dst = append(dst, body...)
 		return nil
 	})
-	return reply, err
+	return dst, err
 }
 
 // Classify returns the label of one 3072-byte planar RGB 32x32 image.

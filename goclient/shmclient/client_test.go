@@ -136,6 +136,11 @@ func exerciseModel(t *testing.T, client *Client) {
 	if reply, err := client.Echo(ctx, nil); err != nil || reply == nil || len(reply) != 0 {
 		t.Fatalf("empty Echo = %#v, %v", reply, err)
 	}
+	buf := make([]byte, 0, 64)
+	if reply, err := client.EchoAppend(ctx, append(buf, "keep:"...), []byte("hello")); err != nil ||
+		string(reply) != "keep:hello" || &reply[0] != &buf[:1][0] {
+		t.Fatalf("EchoAppend = %q, %v (a new array: %v)", reply, err, len(reply) > 0 && &reply[0] != &buf[:1][0])
+	}
 	if label, err := client.Classify(ctx, image(3)); err != nil || label != "cat" {
 		t.Fatalf("Classify = %q, %v", label, err)
 	}

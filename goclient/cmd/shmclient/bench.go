@@ -74,7 +74,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		targets = append(targets, &benchTarget{addr: addr, client: client, latency: newLatencies()})
 	}
 	workers := func(t *benchTarget) []func(context.Context) error {
-		return slices.Repeat([]func(context.Context) error{request.call(t.client)}, *concurrency)
+		return request.calls(t.client, *concurrency)
 	}
 	for _, t := range targets {
 		if _, err := load.Run(ctx, workers(t), load.Options{Timeout: conn.timeout, WarmupCalls: *warmup}); err != nil {
@@ -141,22 +141,30 @@ func newBenchRequest(inferFiles string, size int) (benchRequest, error) {
 		bytes: len(body), inputs: inputs}, nil
 }
 
-// call returns one request of this kind to client, checking its reply.
-func (r benchRequest) call(client *shmclient.Client) func(context.Context) error {
+// calls returns the calls of n workers sending this request to client, each
+// checking its reply.
+func (r benchRequest) calls(client *shmclient.Client, n int) []func(context.Context) error {
+	calls := make([]func(context.Context) error, n)
 	if r.op == "echo" {
-		return func(ctx context.Context) error {
-			reply, err := client.Echo(ctx, r.echo)
-			if err == nil && !bytes.Equal(reply, r.echo) {
-				err = fmt.Errorf("reply of %d bytes differs from the %d-byte request", len(reply), len(r.echo))
+		for i := range calls {
+			var reply []byte // the worker's own, reused from call to call
+			calls[i] = func(ctx context.Context) error {
+				var err error
+				reply, err = client.EchoAppend(ctx, reply[:0], r.echo)
+				if err == nil && !bytes.Equal(reply, r.echo) {
+					err = fmt.Errorf("reply of %d bytes differs from the %d-byte request", len(reply), len(r.echo))
+				}
+				return err
 			}
-			return err
 		}
+		return calls
 	}
 	// Outputs may differ in value from call to call (a batch of other
-	// requests may round differently), never in kind.
+	// requests may round differently), never in kind: every worker's reply
+	// is checked against the first of all.
 	var first []shmclient.Tensor
 	var once sync.Once
-	return func(ctx context.Context) error {
+	infer := func(ctx context.Context) error {
 		outputs, err := client.Infer(ctx, r.inputs...)
 		if err != nil {
 			return err
@@ -167,6 +175,10 @@ func (r benchRequest) call(client *shmclient.Client) func(context.Context) error
 		}
 		return nil
 	}
+	for i := range calls {
+		calls[i] = infer
+	}
+	return calls
 }
 
 func sameKind(a, b []shmclient.Tensor) bool {
