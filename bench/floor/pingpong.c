@@ -2,7 +2,7 @@
 // bounce a payload through POSIX shared memory, as fast as this machine allows.
 //
 //   pingpong --mode sem|spin --size BYTES --seconds S --warmup-seconds S --samples FILE
-//            [--cpus CLIENT,SERVER]
+//            [--cpus CLIENT,SERVER] [--inflight N]
 //
 // Each round trip copies --size bytes into the request buffer, hands it over,
 // the other process copies it into the reply buffer (the echo), hands it back,
@@ -13,6 +13,11 @@
 //       of it, what a spinning ring waiter pays. Pollers call sched_yield every
 //       POLLS_PER_YIELD polls, the same policy as the Go client's waiter, so a
 //       loaded 2-core machine cannot turn two spinners into a scheduler stall.
+//       --inflight N (spin only) keeps N requests in flight, each in its own
+//       slot, as N callers of one ring do: one client thread refills a slot as
+//       soon as its reply is in, and one server thread answers every slot whose
+//       request is new. Its msgs/s is the most this machine moves at that
+//       concurrency, with nothing but the copies and the hand-offs.
 //
 // --cpus pins the client and the server process (the same CPU twice is allowed).
 // A floor is the best this machine allows, so the orchestrator runs spin on two
@@ -49,12 +54,20 @@
 #define POLLS_PER_YIELD 256
 #define CACHE_LINE 64
 
-struct control {
+#define MAX_INFLIGHT 64
+
+// One request's hand-off words, each on its own line so that the two sides
+// never write the same one.
+struct slot {
 	_Alignas(CACHE_LINE) _Atomic uint32_t req_seq; // written by the client only
-	_Atomic uint32_t stop;                         // set by the client before its last hand-off
 	_Alignas(CACHE_LINE) _Atomic uint32_t rep_seq; // written by the server only
+};
+
+struct control {
+	_Alignas(CACHE_LINE) _Atomic uint32_t stop; // set by the client before its last hand-off
 	_Alignas(CACHE_LINE) sem_t req_sem;
 	_Alignas(CACHE_LINE) sem_t rep_sem;
+	struct slot slots[MAX_INFLIGHT];
 };
 
 static void die(const char *what) {
@@ -68,13 +81,12 @@ static uint64_t now_ns(void) {
 	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-static void await_seq(_Atomic uint32_t *word, uint32_t want) {
-	for (unsigned polls = 1; atomic_load_explicit(word, memory_order_acquire) != want; polls++) {
-		if (polls % POLLS_PER_YIELD == 0)
-			sched_yield();
-		else
-			__builtin_ia32_pause();
-	}
+// One poll that found nothing: pause, and every POLLS_PER_YIELD of them yield.
+static void idle_poll(unsigned *polls) {
+	if (++*polls % POLLS_PER_YIELD == 0)
+		sched_yield();
+	else
+		__builtin_ia32_pause();
 }
 
 static void pin(int cpu) {
@@ -91,48 +103,130 @@ static void sem_wait_retry(sem_t *sem) {
 			die("sem_wait");
 }
 
-static void serve(struct control *c, int spin, const uint8_t *req, uint8_t *rep, size_t size) {
-	for (uint32_t seq = 1;; seq++) {
-		if (spin)
-			await_seq(&c->req_seq, seq);
-		else
-			sem_wait_retry(&c->req_sem);
-		if (atomic_load(&c->stop))
+// Slot i's request buffer is buffers + 2 i buffer, its reply buffer the next.
+struct ring {
+	struct control *c;
+	uint8_t *buffers;
+	size_t buffer, size;
+	int inflight;
+};
+
+static uint8_t *request_of(const struct ring *r, int i) { return r->buffers + 2 * (size_t)i * r->buffer; }
+static uint8_t *reply_of(const struct ring *r, int i) { return request_of(r, i) + r->buffer; }
+
+static void serve_sem(const struct ring *r) {
+	for (;;) {
+		sem_wait_retry(&r->c->req_sem);
+		if (atomic_load(&r->c->stop))
 			return;
-		memcpy(rep, req, size);
-		if (spin)
-			atomic_store_explicit(&c->rep_seq, seq, memory_order_release);
-		else if (sem_post(&c->rep_sem) != 0)
+		memcpy(reply_of(r, 0), request_of(r, 0), r->size);
+		if (sem_post(&r->c->rep_sem) != 0)
 			die("sem_post");
 	}
 }
 
-// One round trip as the client makes it; returns its latency in ns.
-static uint64_t round_trip(struct control *c, int spin, uint32_t seq, uint8_t *req, const uint8_t *rep,
-                           const uint8_t *src, uint8_t *dst, size_t size) {
-	uint64_t t0 = now_ns();
-	memcpy(req, src, size);
-	if (spin) {
-		atomic_store_explicit(&c->req_seq, seq, memory_order_release);
-		await_seq(&c->rep_seq, seq);
-	} else {
-		if (sem_post(&c->req_sem) != 0)
-			die("sem_post");
-		sem_wait_retry(&c->rep_sem);
+static void serve_spin(const struct ring *r) {
+	uint32_t served[MAX_INFLIGHT] = {0};
+	for (unsigned polls = 0;;) {
+		int answered = 0;
+		for (int i = 0; i < r->inflight; i++) {
+			uint32_t seq = atomic_load_explicit(&r->c->slots[i].req_seq, memory_order_acquire);
+			if (seq == served[i])
+				continue;
+			if (atomic_load(&r->c->stop))
+				return;
+			memcpy(reply_of(r, i), request_of(r, i), r->size);
+			served[i] = seq;
+			atomic_store_explicit(&r->c->slots[i].rep_seq, seq, memory_order_release);
+			answered = 1;
+		}
+		if (!answered)
+			idle_poll(&polls);
 	}
-	memcpy(dst, rep, size);
-	return now_ns() - t0;
+}
+
+// The client's side of a run: it keeps every slot's request in flight until
+// `until`, and records the latency of each reply that comes after `measure_from`.
+struct client {
+	const uint8_t *src;
+	uint8_t *dst;
+	uint32_t seq[MAX_INFLIGHT];
+	uint64_t sent[MAX_INFLIGHT];
+	uint32_t *lat;
+	size_t count, cap;
+};
+
+static void record(struct client *cl, uint64_t dt) {
+	if (cl->count == cl->cap && !(cl->lat = realloc(cl->lat, (cl->cap *= 2) * sizeof *cl->lat)))
+		die("realloc");
+	cl->lat[cl->count++] = dt > UINT32_MAX ? UINT32_MAX : (uint32_t)dt;
+}
+
+static void send_request(const struct ring *r, struct client *cl, int i) {
+	cl->sent[i] = now_ns();
+	memcpy(request_of(r, i), cl->src, r->size);
+	atomic_store_explicit(&r->c->slots[i].req_seq, ++cl->seq[i], memory_order_release);
+}
+
+// Runs until `until`; returns when the last reply has come, the time the
+// last measured one did.
+static uint64_t run_spin(const struct ring *r, struct client *cl, uint64_t measure_from, uint64_t until) {
+	for (int i = 0; i < r->inflight; i++)
+		send_request(r, cl, i);
+	uint64_t last = now_ns();
+	unsigned polls = 0;
+	for (int pending = r->inflight; pending > 0;) {
+		int received = 0;
+		for (int i = 0; i < r->inflight; i++) {
+			if (cl->sent[i] == 0 ||
+			    atomic_load_explicit(&r->c->slots[i].rep_seq, memory_order_acquire) != cl->seq[i])
+				continue;
+			memcpy(cl->dst, reply_of(r, i), r->size);
+			uint64_t now = now_ns();
+			if (cl->sent[i] >= measure_from) {
+				record(cl, now - cl->sent[i]);
+				last = now;
+			}
+			received = 1;
+			if (now < until) {
+				send_request(r, cl, i);
+			} else {
+				cl->sent[i] = 0;
+				pending--;
+			}
+		}
+		if (!received)
+			idle_poll(&polls);
+	}
+	return last;
+}
+
+static uint64_t run_sem(const struct ring *r, struct client *cl, uint64_t measure_from, uint64_t until) {
+	uint64_t now = now_ns();
+	while (now < until) {
+		uint64_t t0 = now;
+		memcpy(request_of(r, 0), cl->src, r->size);
+		if (sem_post(&r->c->req_sem) != 0)
+			die("sem_post");
+		sem_wait_retry(&r->c->rep_sem);
+		memcpy(cl->dst, reply_of(r, 0), r->size);
+		now = now_ns();
+		if (t0 >= measure_from)
+			record(cl, now - t0);
+	}
+	return now;
 }
 
 int main(int argc, char **argv) {
 	const char *mode = "sem", *samples_path = NULL;
 	size_t size = 3072;
 	double seconds = 1.0, warmup_seconds = 0.1;
-	int client_cpu = -1, server_cpu = -1;
+	int client_cpu = -1, server_cpu = -1, inflight = 1;
 	static const struct option options[] = {
 		{"mode", required_argument, 0, 'm'}, {"size", required_argument, 0, 's'},
 		{"seconds", required_argument, 0, 't'}, {"warmup-seconds", required_argument, 0, 'w'},
-		{"samples", required_argument, 0, 'o'}, {"cpus", required_argument, 0, 'c'}, {0, 0, 0, 0},
+		{"samples", required_argument, 0, 'o'}, {"cpus", required_argument, 0, 'c'},
+		{"inflight", required_argument, 0, 'n'}, {0, 0, 0, 0},
 	};
 	for (int opt; (opt = getopt_long(argc, argv, "", options, NULL)) != -1;) {
 		switch (opt) {
@@ -141,6 +235,7 @@ int main(int argc, char **argv) {
 		case 't': seconds = strtod(optarg, NULL); break;
 		case 'w': warmup_seconds = strtod(optarg, NULL); break;
 		case 'o': samples_path = optarg; break;
+		case 'n': inflight = atoi(optarg); break;
 		case 'c':
 			if (sscanf(optarg, "%d,%d", &client_cpu, &server_cpu) != 2)
 				return 2;
@@ -149,9 +244,10 @@ int main(int argc, char **argv) {
 		}
 	}
 	int spin = strcmp(mode, "spin") == 0;
-	if ((!spin && strcmp(mode, "sem") != 0) || seconds <= 0 || warmup_seconds < 0 || !samples_path) {
+	if ((!spin && strcmp(mode, "sem") != 0) || seconds <= 0 || warmup_seconds < 0 || !samples_path ||
+	    inflight < 1 || inflight > MAX_INFLIGHT || (!spin && inflight != 1)) {
 		fprintf(stderr, "usage: %s --mode sem|spin --size BYTES --seconds S --warmup-seconds S --samples FILE "
-		        "[--cpus CLIENT,SERVER]\n", argv[0]);
+		        "[--cpus CLIENT,SERVER] [--inflight N (spin: 1-%d)]\n", argv[0], MAX_INFLIGHT);
 		return 2;
 	}
 
@@ -162,16 +258,15 @@ int main(int argc, char **argv) {
 		die("shm_open");
 	shm_unlink(name);
 	size_t buffer = (size / CACHE_LINE + 1) * CACHE_LINE;
-	size_t total = sizeof(struct control) + 2 * buffer;
+	size_t total = sizeof(struct control) + 2 * (size_t)inflight * buffer;
 	if (ftruncate(fd, (off_t)total) != 0)
 		die("ftruncate");
 	uint8_t *mem = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
 	if (mem == MAP_FAILED)
 		die("mmap");
 	close(fd);
-	struct control *c = (struct control *)mem;
-	uint8_t *req = mem + sizeof(struct control), *rep = req + buffer;
-	if (sem_init(&c->req_sem, 1, 0) != 0 || sem_init(&c->rep_sem, 1, 0) != 0)
+	struct ring r = {(struct control *)mem, mem + sizeof(struct control), buffer, size, inflight};
+	if (sem_init(&r.c->req_sem, 1, 0) != 0 || sem_init(&r.c->rep_sem, 1, 0) != 0)
 		die("sem_init");
 
 	pid_t child = fork();
@@ -183,35 +278,29 @@ int main(int argc, char **argv) {
 		if (getppid() == 1)
 			_exit(1);
 		pin(server_cpu);
-		serve(c, spin, req, rep, size);
+		if (spin)
+			serve_spin(&r);
+		else
+			serve_sem(&r);
 		_exit(0);
 	}
 
 	pin(client_cpu);
-	uint8_t *src = malloc(size + 1), *dst = malloc(size + 1);
-	size_t cap = 1 << 16, count = 0;
-	uint32_t *lat = malloc(cap * sizeof *lat);
-	if (!src || !dst || !lat)
+	uint8_t *src = malloc(size + 1);
+	struct client cl = {.src = src, .dst = malloc(size + 1), .cap = 1 << 16};
+	cl.lat = malloc(cl.cap * sizeof *cl.lat);
+	if (!src || !cl.dst || !cl.lat)
 		die("malloc");
 	for (size_t i = 0; i < size; i++)
 		src[i] = (uint8_t)(i * 131 + 7);
-	uint32_t seq = 0;
-	uint64_t warm_until = now_ns() + (uint64_t)(warmup_seconds * 1e9);
-	while (now_ns() < warm_until)
-		round_trip(c, spin, ++seq, req, rep, src, dst, size);
-	uint64_t started = now_ns(), until = started + (uint64_t)(seconds * 1e9), now = started;
-	while (now < until) {
-		uint64_t dt = round_trip(c, spin, ++seq, req, rep, src, dst, size);
-		if (count == cap && !(lat = realloc(lat, (cap *= 2) * sizeof *lat)))
-			die("realloc");
-		lat[count++] = dt > UINT32_MAX ? UINT32_MAX : (uint32_t)dt;
-		now = now_ns();
-	}
-	uint64_t elapsed = now - started;
-	atomic_store(&c->stop, 1);
+	uint64_t measure_from = now_ns() + (uint64_t)(warmup_seconds * 1e9);
+	uint64_t until = measure_from + (uint64_t)(seconds * 1e9);
+	uint64_t last = (spin ? run_spin : run_sem)(&r, &cl, measure_from, until);
+	uint64_t elapsed = last > measure_from ? last - measure_from : 0;
+	atomic_store(&r.c->stop, 1);
 	if (spin)
-		atomic_store_explicit(&c->req_seq, seq + 1, memory_order_release);
-	else if (sem_post(&c->req_sem) != 0)
+		atomic_fetch_add_explicit(&r.c->slots[0].req_seq, 1, memory_order_release);
+	else if (sem_post(&r.c->req_sem) != 0)
 		die("sem_post");
 
 	int status;
@@ -219,14 +308,15 @@ int main(int argc, char **argv) {
 		fprintf(stderr, "pingpong: server process failed\n");
 		return 1;
 	}
-	if (memcmp(src, dst, size) != 0) {
+	if (memcmp(src, cl.dst, size) != 0) {
 		fprintf(stderr, "pingpong: echoed payload differs\n");
 		return 1;
 	}
 	FILE *out = fopen(samples_path, "wb");
-	if (!out || fwrite(lat, sizeof *lat, count, out) != count || fclose(out) != 0)
+	if (!out || fwrite(cl.lat, sizeof *cl.lat, cl.count, out) != cl.count || fclose(out) != 0)
 		die(samples_path);
-	printf("{\"mode\": \"%s\", \"size\": %zu, \"count\": %zu, \"elapsed_ns\": %llu, \"cpus\": [%d, %d]}\n",
-	       mode, size, count, (unsigned long long)elapsed, client_cpu, server_cpu);
+	printf("{\"mode\": \"%s\", \"size\": %zu, \"inflight\": %d, \"count\": %zu, \"elapsed_ns\": %llu, "
+	       "\"cpus\": [%d, %d]}\n",
+	       mode, size, inflight, cl.count, (unsigned long long)elapsed, client_cpu, server_cpu);
 	return 0;
 }

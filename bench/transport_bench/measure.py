@@ -101,19 +101,21 @@ def run_floor(results: Results, config: Config, tmp: Path, rng: random.Random) -
     cpus = bench_cpus()
     placements = {"floor-spin": ("spin", cpus[:2]), "floor-sem-1cpu": ("sem", cpus[:1] * 2),
                   "floor-sem-2cpu": ("sem", cpus[:2])}
-    runs = [(key, size) for key, (_, pin) in placements.items() if len(pin) == 2
-            for size in config.sizes]
+    # The spin floor at every concurrency too: the most this machine moves with that many
+    # requests in flight, for the msgs/s columns. Blocking hand-offs are one at a time.
+    runs = [(key, size, conc) for key, (mode, pin) in placements.items() if len(pin) == 2
+            for size in config.sizes for conc in (config.concs if mode == "spin" else (1,))]
     rng.shuffle(runs)
     samples = tmp / "floor.bin"
-    for key, size in runs:
+    for key, size, conc in runs:
         mode, pin = placements[key]
         proc = subprocess.run([str(PINGPONG), "--mode", mode, "--size", str(size), "--seconds",
                                str(config.floor_seconds), "--warmup-seconds",
                                str(config.floor_seconds / 5), "--samples", str(samples),
-                               "--cpus", f"{pin[0]},{pin[1]}"],
+                               "--cpus", f"{pin[0]},{pin[1]}", "--inflight", str(conc)],
                               capture_output=True, text=True, timeout=60)
         if proc.returncode:
-            raise BenchError(f"{key} {size} B failed: {proc.stderr.strip()}")
+            raise BenchError(f"{key} {size} B x{conc} failed: {proc.stderr.strip()}")
         info = json.loads(proc.stdout)
         hist = HdrHistogram(*HIST_ARGS)
         # Record each distinct latency once with its count: millions of samples, a few
@@ -121,7 +123,7 @@ def run_floor(results: Results, config: Config, tmp: Path, rng: random.Random) -
         values, counts = np.unique(np.fromfile(samples, np.uint32), return_counts=True)
         for value, count in zip(values.tolist(), counts.tolist()):
             hist.record_value(max(value, 1), count)
-        results.cell(key, "echo", size, 1).add(hist, info["elapsed_ns"])
+        results.cell(key, "echo", size, conc).add(hist, info["elapsed_ns"])
 
 
 def echo_cells(config: Config, keys: list[str]) -> list[dict]:

@@ -66,7 +66,7 @@ def markdown(report: dict, results: Results, goal_list: list[Goal], config: Conf
         f"{'/'.join(f'{x:.2f}' for x in load['end'])} at end.",
         f"- {config.reps} repetition(s), cells shuffled within each; per cell {config.warmup_ms} "
         f"ms warm-up then {config.measure_ms} ms measured, closed loop, `conc` calls in flight. "
-        f"Floor: {config.floor_seconds} s per size and mode.",
+        f"Floor: {config.floor_seconds} s per size and mode (spin also per concurrency).",
         "- Latencies are round trips from the Go caller's view (HdrHistogram, merged over "
         "repetitions); `x floor` is p50 over the C floor's p50 at the same size (the lower "
         "semaphore floor of the two placements); `CPUs @1` is "
@@ -164,7 +164,7 @@ def plots(results: Results, config: Config, stem: Path) -> None:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    for t in ECHO_TRANSPORTS:
+    for t in (FLOORS[0], *ECHO_TRANSPORTS):  # the spin floor is measured at every concurrency
         pts = [(c, results.get(t.key, "echo", IMAGE, c)) for c in config.concs]
         pts = [(c, cell.per_s) for c, cell in pts if cell]
         if pts:
