@@ -275,13 +275,17 @@ static int scan(RingObject *r, uint32_t max_ready, uint32_t *n_ready, uint32_t *
  * the interpreter runs waits for it. */
 static void serve_until_work(RingObject *r, int64_t spin_ns, int64_t block_ns,
                              uint32_t max_ready, uint32_t *n_ready, uint32_t *n_events) {
-    int64_t give_up = now_ns() + (spin_ns > 0 ? spin_ns : 0) + (block_ns > 0 ? block_ns : 0);
-    for (int64_t left = block_ns;;) {
-        if (!r->rescan) wait_for_bell(r, spin_ns, left);
+    if (spin_ns < 0) spin_ns = 0;
+    if (block_ns < 0) block_ns = 0;
+    int64_t give_up = now_ns() + spin_ns + block_ns;
+    for (int64_t spin = spin_ns, block = block_ns;;) {
+        if (!r->rescan) wait_for_bell(r, spin, block);
         int notified = scan(r, max_ready, n_ready, n_events);
         if (*n_ready || *n_events || notified || r->rescan) return;
-        left = give_up - now_ns();
+        int64_t left = give_up - now_ns();
         if (left <= 0) return;
+        spin = spin_ns < left ? spin_ns : left; /* the same spin first, within what is left */
+        block = left - spin;
     }
 }
 
