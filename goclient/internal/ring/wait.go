@@ -19,6 +19,13 @@ import (
 // It also paces the clock reads: time.Now costs ~65 ns, one poll ~1 ns.
 const pollsPerYield = 256
 
+// pollsPerYieldShared replaces pollsPerYield while other waits are in their
+// spin phase: parked, or answered and not yet run. Those the poller answered
+// run only when it yields, so at GOMAXPROCS=1 every poll between an answer
+// and the next yield delays them, and the stretch decides how evenly replies
+// are handed out (bench/README.md).
+const pollsPerYieldShared = 32
+
 // spinStretch bounds how far a Waiter stretches its spin budget towards the
 // typical wait, as a multiple of the configured spin.
 const spinStretch = 4
@@ -62,6 +69,9 @@ type Waiter struct {
 	leading bool        // some wait is polling for the parked ones
 	parked  []*spinWait // the waits the leader polls for, oldest first
 	version atomic.Uint64
+
+	// spinning counts the waits in their spin phase (see pollsPerYieldShared).
+	spinning atomic.Int32
 
 	// A spin that ends without the change only burns a CPU the other side
 	// may need (a model running, a loaded host): after one, the next
@@ -205,6 +215,8 @@ func (w *Waiter) spinUntil(ctx context.Context, changed func() bool, start time.
 	if w.skipSpins.Load() > 0 && w.skipSpins.Add(-1) >= 0 {
 		return false
 	}
+	w.spinning.Add(1)
+	defer w.spinning.Add(-1)
 	w.mu.Lock()
 	if !w.leading {
 		w.leading = true
@@ -262,7 +274,8 @@ func (w *Waiter) lead(ctx context.Context, mine func() bool, lastChange time.Tim
 			}
 		}
 		// Clock reads (~65 ns) only at yields: budgets are coarse anyway.
-		if polls%pollsPerYield != 0 {
+		if polls%pollsPerYieldShared != 0 ||
+			(polls%pollsPerYield != 0 && w.spinning.Load() == 1) {
 			continue
 		}
 		if ctx.Err() != nil { // not ctx.Done(): that would allocate its channel
