@@ -59,20 +59,19 @@ type slot struct {
 	frameSeq  *atomic.Uint32
 	sem       *posixsem.Semaphore
 
-	// frameMoved reports whether frame_seq moved from waitFrom, storing
-	// what it read in seen: made once per slot, so a wait allocates no
-	// closure. Only the goroutine holding the slot (or the Waiter's leader
-	// polling for it) calls it.
-	frameMoved func() bool
+	// frameMoved watches frame_seq move from waitFrom, storing what it
+	// read in seen: made once per slot, so a wait allocates nothing. Only
+	// the goroutine holding the slot waits on it (its call, then a reaper).
+	frameMoved *Watch
 	waitFrom   uint32
 	seen       uint32
 }
 
 func (s *slot) initFrameMoved() {
-	s.frameMoved = func() bool {
+	s.frameMoved = NewWatch(func() bool {
 		s.seen = s.frameSeq.Load()
 		return s.seen != s.waitFrom
-	}
+	})
 }
 
 // request is one request in flight in a claimed slot.

@@ -66,8 +66,8 @@ type Waiter struct {
 	// to answer, so goroutines parking never queue behind a lock the leader
 	// retakes every few nanoseconds.
 	mu      sync.Mutex
-	leading bool        // some wait is polling for the parked ones
-	parked  []*spinWait // the waits the leader polls for, oldest first
+	leading bool     // some wait is polling for the parked ones
+	parked  []*Watch // the waits the leader polls for, oldest first
 	version atomic.Uint64
 
 	// spinning counts the waits in their spin phase (see pollsPerYieldShared).
@@ -95,16 +95,27 @@ type WaitCounts struct {
 	Blocked atomic.Uint64
 }
 
-// spinWait is one wait in its spin phase.
-type spinWait struct {
+// Watch is what a goroutine waits for through a Waiter: the test of its
+// publish word, and the channel it hears the poller on while parked. It
+// serves one wait at a time and is reused by the next, so waiting allocates
+// nothing.
+type Watch struct {
 	changed func() bool
 	// cancelled is set by a parked wait whose context ended; the leader then
 	// answers it spinExpired, so only the leader ever removes parked waits
-	// and a changed func never runs after its wait has left.
+	// and changed never runs after its wait has left.
 	cancelled atomic.Bool
 	// result gets the leader's one answer to a parked wait; buffered, so the
 	// leader never blocks on a send.
 	result chan spinResult
+}
+
+// NewWatch returns a Watch of changed, which reports whether the word moved.
+// While its wait is parked, changed runs on the leader's goroutine (never at
+// the same time as on the waiting one, and never after Await returns), so it
+// must be cheap.
+func NewWatch(changed func() bool) *Watch {
+	return &Watch{changed: changed, result: make(chan spinResult, 1)}
 }
 
 type spinResult uint8
@@ -122,13 +133,13 @@ func NewWaiter(spin, tick time.Duration) *Waiter {
 	return &Waiter{spin: spin, tick: tick}
 }
 
-// Await returns nil once changed reports true. It returns ctx's error when ctx
-// ends first, and the error of alive when that reports the other side gone
-// (alive runs after every wait that timed out). Tokens on sem only mean "look
-// again", so spurious wake-ups are harmless. While this wait is parked,
-// changed runs on the leader's goroutine (never at the same time as on this
-// one, and never after Await returns), so it must be cheap.
-func (w *Waiter) Await(ctx context.Context, sem *posixsem.Semaphore, changed func() bool, alive func() error) (err error) {
+// Await returns nil once watch's word changed. It returns ctx's error when
+// ctx ends first, and the error of alive when that reports the other side
+// gone (alive runs after every wait that timed out). Tokens on sem only mean
+// "look again", so spurious wake-ups are harmless. One watch serves one
+// Await at a time.
+func (w *Waiter) Await(ctx context.Context, sem *posixsem.Semaphore, watch *Watch, alive func() error) (err error) {
+	changed := watch.changed
 	if changed() {
 		w.count(false)
 		return nil
@@ -142,7 +153,7 @@ func (w *Waiter) Await(ctx context.Context, sem *posixsem.Semaphore, changed fun
 			}
 		}()
 	}
-	if w.spinUntil(ctx, changed, start) {
+	if w.spinUntil(ctx, watch, start) {
 		w.count(false)
 		return nil
 	}
@@ -205,10 +216,10 @@ func (w *Waiter) count(blocked bool) {
 	}
 }
 
-// spinUntil reports whether changed turned true within the spin budget
-// (from start): as the leader, polling it itself, or parked until the leader
+// spinUntil reports whether me's word changed within the spin budget (from
+// start): as the leader, polling it itself, or parked until the leader
 // answers.
-func (w *Waiter) spinUntil(ctx context.Context, changed func() bool, start time.Time) bool {
+func (w *Waiter) spinUntil(ctx context.Context, me *Watch, start time.Time) bool {
 	if w.spin <= 0 {
 		return false
 	}
@@ -221,9 +232,9 @@ func (w *Waiter) spinUntil(ctx context.Context, changed func() bool, start time.
 	if !w.leading {
 		w.leading = true
 		w.mu.Unlock()
-		return w.lead(ctx, changed, start)
+		return w.lead(ctx, me.changed, start)
 	}
-	me := &spinWait{changed: changed, result: make(chan spinResult, 1)}
+	me.cancelled.Store(false) // left set by a wait of me that ended parked
 	w.parked = append(w.parked, me)
 	w.version.Add(1)
 	w.mu.Unlock()
@@ -235,7 +246,7 @@ func (w *Waiter) spinUntil(ctx context.Context, changed func() bool, start time.
 		result = <-me.result // the leader's next poll answers
 	}
 	if result == spinLead {
-		return w.lead(ctx, changed, time.Now())
+		return w.lead(ctx, me.changed, time.Now())
 	}
 	return result == spinChanged
 }
@@ -249,7 +260,7 @@ func (w *Waiter) spinUntil(ctx context.Context, changed func() bool, start time.
 func (w *Waiter) lead(ctx context.Context, mine func() bool, lastChange time.Time) bool {
 	failed := false
 	defer func() { w.handOff(failed) }()
-	var watched []*spinWait
+	var watched []*Watch
 	watchedVersion := ^uint64(0)
 	for polls := 1; ; polls++ {
 		if mine() {

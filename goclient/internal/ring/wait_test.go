@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -37,7 +38,7 @@ func awaitCountingPolls(t *testing.T, w *Waiter, sem *posixsem.Semaphore, change
 		polls++
 		return changeAfter > 0 && polls >= changeAfter
 	}
-	err := w.Await(context.Background(), sem, changed, func() error { return errGaveUp })
+	err := w.Await(context.Background(), sem, NewWatch(changed), func() error { return errGaveUp })
 	if changeAfter == 0 && !errors.Is(err, errGaveUp) {
 		t.Fatalf("Await = %v, want it to give up", err)
 	}
@@ -82,7 +83,7 @@ func parkedWaits(t *testing.T, w *Waiter, n int) ([]atomic.Bool, <-chan int) {
 	sem := testSemaphore(t)
 	start := func(i int) {
 		go func() {
-			err := w.Await(context.Background(), sem, words[i].Load, func() error { return errGaveUp })
+			err := w.Await(context.Background(), sem, NewWatch(words[i].Load), func() error { return errGaveUp })
 			if err != nil {
 				i = -1
 			}
@@ -157,9 +158,9 @@ func TestAParkedWaitEndsWithItsContext(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	ended := make(chan error, 1)
 	sem := testSemaphore(t)
-	go func() {
-		ended <- w.Await(ctx, sem, func() bool { return false }, func() error { return nil })
-	}()
+	var third atomic.Bool
+	watch := NewWatch(third.Load)
+	go func() { ended <- w.Await(ctx, sem, watch, func() error { return nil }) }()
 	waitFor(t, "a third parked wait", func() bool { return parkedCount(w) == 2 })
 	cancel()
 	select {
@@ -172,6 +173,13 @@ func TestAParkedWaitEndsWithItsContext(t *testing.T) {
 	}
 	if n := parkedCount(w); n != 1 {
 		t.Fatalf("%d waits parked after the cancel, want 1", n)
+	}
+	// The watch of the cancelled wait serves the next one, which its word ends.
+	go func() { ended <- w.Await(context.Background(), sem, watch, func() error { return errGaveUp }) }()
+	waitFor(t, "the watch parked again", func() bool { return parkedCount(w) == 2 })
+	third.Store(true)
+	if err := <-ended; err != nil {
+		t.Fatalf("the second wait of a reused watch = %v, want its change", err)
 	}
 	words[1].Store(true)
 	words[0].Store(true)
@@ -218,7 +226,7 @@ func TestAWaitALittleLongerThanTheSpinIsCaughtSpinning(t *testing.T) {
 	var word atomic.Bool
 	time.AfterFunc(changeAfter, func() { word.Store(true) })
 	// The semaphore is never posted: only spinning sees the change in time.
-	if err := w.Await(context.Background(), testSemaphore(t), word.Load, func() error { return errGaveUp }); err != nil {
+	if err := w.Await(context.Background(), testSemaphore(t), NewWatch(word.Load), func() error { return errGaveUp }); err != nil {
 		t.Fatalf("Await = %v: the spin did not stretch to the typical wait", err)
 	}
 }
@@ -240,4 +248,38 @@ func TestWaitCounts(t *testing.T) {
 	if spun, blocked := counts.Spun.Load(), counts.Blocked.Load(); spun != 2 || blocked != 2 {
 		t.Fatalf("Spun, Blocked = %d, %d; want 2, 2", spun, blocked)
 	}
+}
+
+func TestAParkedWaitAllocatesNothing(t *testing.T) {
+	w := NewWaiter(time.Minute, time.Minute)
+	words, results := parkedWaits(t, w, 1) // a leader whose word never changes
+	var mine atomic.Bool
+	watch := NewWatch(mine.Load)
+	sem := testSemaphore(t)
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() { // ends each parked wait, without allocating itself
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if parkedCount(w) == 1 {
+				mine.Store(true)
+			}
+			runtime.Gosched()
+		}
+	}()
+	allocs := testing.AllocsPerRun(100, func() {
+		mine.Store(false)
+		if err := w.Await(context.Background(), sem, watch, func() error { return errGaveUp }); err != nil {
+			t.Fatalf("Await = %v", err)
+		}
+	})
+	if allocs != 0 {
+		t.Errorf("a parked wait allocated %v times", allocs)
+	}
+	words[0].Store(true)
+	<-results
 }

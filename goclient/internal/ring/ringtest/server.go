@@ -326,15 +326,16 @@ func (s *Server) serve(ctx context.Context) {
 	}
 	waiter := ring.NewWaiter(20*time.Microsecond, heartbeatInterval)
 	running := phase{}
+	var seen uint64
+	doorbellRang := ring.NewWatch(func() bool { return doorbell.Load() != seen || len(s.results) > 0 })
 	for ctx.Err() == nil {
 		beat()
-		seen := doorbell.Load()
+		seen = doorbell.Load()
 		s.collectResults(slots)
 		for i := range slots {
 			s.serveSlot(i, &slots[i], running)
 		}
-		changed := func() bool { return doorbell.Load() != seen || len(s.results) > 0 }
-		waiter.Await(ctx, s.reqSem, changed, beat)
+		waiter.Await(ctx, s.reqSem, doorbellRang, beat)
 	}
 	if !s.killed.Load() {
 		s.shutDown(slots)
