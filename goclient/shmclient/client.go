@@ -167,12 +167,34 @@ func (c *Client) Echo(ctx context.Context, data []byte) ([]byte, error) {
 // slice, as strconv.AppendInt does: a caller that passes the last reply
 // back as dst[:0] allocates nothing per call once it is large enough.
 func (c *Client) EchoAppend(ctx context.Context, dst, data []byte) ([]byte, error) {
-	err := c.roundTrip(ctx, protocol.TypeEcho, data, func(body []byte) error {
-		dst = append(dst, body...)
-		return nil
-	})
+	a := echoAppenders.Get().(*echoAppender)
+	a.dst = dst
+	err := c.exchange(ctx, protocol.TypeEcho, data, a.onMessage)
+	dst = a.dst
+	a.dst = nil // the pool must not keep the caller's buffer alive
+	echoAppenders.Put(a)
 	return dst, err
 }
+
+// echoAppender is EchoAppend's reply handler. A closure capturing dst would
+// escape through the transport interface and cost three allocations per
+// call; pooled handlers, bound once, cost none.
+type echoAppender struct {
+	dst       []byte
+	onMessage func(protocol.MsgType, []byte) error
+}
+
+var echoAppenders = sync.Pool{New: func() any {
+	a := &echoAppender{}
+	a.onMessage = func(replyType protocol.MsgType, reply []byte) error {
+		if err := checkReply(protocol.TypeEcho, replyType, reply); err != nil {
+			return err
+		}
+		a.dst = append(a.dst, reply...)
+		return nil
+	}
+	return a
+}}
 
 // Classify returns the label of one 3072-byte planar RGB 32x32 image.
 func (c *Client) Classify(ctx context.Context, image []byte) (string, error) {
@@ -288,14 +310,23 @@ func promptBody(prompt string, steps int) ([]byte, error) {
 // hands that reply's body to onReply (valid only during the call).
 func (c *Client) roundTrip(ctx context.Context, typ protocol.MsgType, body []byte, onReply func([]byte) error) error {
 	return c.exchange(ctx, typ, body, func(replyType protocol.MsgType, reply []byte) error {
-		switch replyType {
-		case typ:
-			return onReply(reply)
-		case protocol.TypeError:
-			return errorReply(reply)
+		if err := checkReply(typ, replyType, reply); err != nil {
+			return err
 		}
-		return fmt.Errorf("%w: a %v reply to a %v request", protocol.ErrProtocolViolation, replyType, typ)
+		return onReply(reply)
 	})
+}
+
+// checkReply returns nil for a reply of the request's own type, and
+// otherwise the error the reply stands for.
+func checkReply(requestType, replyType protocol.MsgType, reply []byte) error {
+	switch replyType {
+	case requestType:
+		return nil
+	case protocol.TypeError:
+		return errorReply(reply)
+	}
+	return fmt.Errorf("%w: a %v reply to a %v request", protocol.ErrProtocolViolation, replyType, requestType)
 }
 
 // exchange sends a request and counts it for Stats.

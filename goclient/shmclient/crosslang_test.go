@@ -125,6 +125,46 @@ func TestCrossLanguageEchoFrom16Goroutines(t *testing.T) {
 	}
 }
 
+// A tuned caller's loop (EchoAppend into the last reply) allocates nothing
+// over the ring, at 1 in flight and with waits parked behind the poller.
+func TestCrossLanguageEchoAppendOverRingAllocatesNothing(t *testing.T) {
+	name := crosstest.UniqueName()
+	startPython(t, name, filepath.Join(crosstest.SocketDir(t), "s.sock"))
+	client := dial(t, "shm://"+name)
+	data := bytes.Repeat([]byte("x"), 3072)
+	ctx := testCtx(t)
+	echo := func(reply []byte) []byte {
+		reply, err := client.EchoAppend(ctx, reply[:0], data)
+		if err != nil || !bytes.Equal(reply, data) {
+			t.Fatalf("EchoAppend = %d bytes, %v", len(reply), err)
+		}
+		return reply
+	}
+	var reply []byte
+	for range 100 { // the first calls grow reply and set up the ring's waiter
+		reply = echo(reply)
+	}
+	if allocs := testing.AllocsPerRun(2000, func() { reply = echo(reply) }); allocs != 0 {
+		t.Errorf("EchoAppend over shm allocated %v times per call", allocs)
+	}
+	others, stop := context.WithCancel(ctx)
+	defer stop()
+	var wg sync.WaitGroup
+	for range 3 { // keeps the poller busy, so the measured calls park behind it
+		wg.Go(func() {
+			reply := make([]byte, 0, len(data))
+			for others.Err() == nil {
+				reply, _ = client.EchoAppend(others, reply[:0], data)
+			}
+		})
+	}
+	if allocs := testing.AllocsPerRun(2000, func() { reply = echo(reply) }); allocs != 0 {
+		t.Errorf("EchoAppend over shm with 4 in flight allocated %v times per call", allocs)
+	}
+	stop()
+	wg.Wait()
+}
+
 func TestCrossLanguageClassicFramingOverUnix(t *testing.T) {
 	socket := filepath.Join(crosstest.SocketDir(t), "s.sock")
 	startPython(t, crosstest.UniqueName(), socket)

@@ -119,6 +119,19 @@ func TestCountingAllocatesNothing(t *testing.T) {
 	}
 }
 
+func TestEchoAppendAllocatesNothing(t *testing.T) {
+	client := &Client{transport: scriptedTransport{}}
+	data, reply := []byte("hello"), make([]byte, 0, 16)
+	if allocs := testing.AllocsPerRun(100, func() {
+		var err error
+		if reply, err = client.EchoAppend(context.Background(), reply[:0], data); err != nil || string(reply) != "hello" {
+			t.Fatalf("EchoAppend = %q, %v", reply, err)
+		}
+	}); allocs != 0 {
+		t.Errorf("EchoAppend into a large enough buffer allocated %v times", allocs)
+	}
+}
+
 // Programs that do not export to Prometheus must not link it.
 func TestShmclientDoesNotImportPrometheus(t *testing.T) {
 	goTool, err := exec.LookPath("go")
