@@ -4,6 +4,7 @@ import (
 	"context"
 	"maps"
 	"os/exec"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -129,6 +130,30 @@ func TestEchoAppendAllocatesNothing(t *testing.T) {
 		}
 	}); allocs != 0 {
 		t.Errorf("EchoAppend into a large enough buffer allocated %v times", allocs)
+	}
+}
+
+// Infer's request body is reused from call to call: what a call allocates is
+// its reply (which the outputs alias), not a second copy of its inputs.
+func TestInferDoesNotAllocateItsRequest(t *testing.T) {
+	client := &Client{transport: scriptedTransport{}} // answers with the request's own tensors
+	input := protocol.NewFloat32([]int{1, 16384}, make([]float32, 16384))
+	input.Name = "y"
+	infer := func() {
+		if outputs, err := client.Infer(context.Background(), input); err != nil || len(outputs) != 1 {
+			t.Fatalf("Infer = %v, %v", outputs, err)
+		}
+	}
+	infer()
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	const calls = 50
+	for range calls {
+		infer()
+	}
+	runtime.ReadMemStats(&after)
+	if perCall := (after.TotalAlloc - before.TotalAlloc) / calls; perCall > uint64(len(input.Data))*3/2 {
+		t.Errorf("Infer of a %d-byte tensor allocated %d bytes per call: the request body too", len(input.Data), perCall)
 	}
 }
 
