@@ -58,7 +58,7 @@ func WithServerUID(uid int) Option { return func(o *options) { o.ring.ServerUID 
 func WithLogger(logger *slog.Logger) Option { return func(o *options) { o.logger = logger } }
 
 // WithSpin sets how long a ring call polls for its reply before it blocks
-// on the semaphore (default 50µs). A lone call stretches the spin up to 4x
+// on the semaphore (default 50µs). A lone call stretches the spin up to 10x
 // when replies have typically been taking longer (a model call just over
 // the spin). Spinning saves the wake-up latency of a blocked wait but holds
 // a CPU while it lasts (one CPU for all the calls in flight: they share one

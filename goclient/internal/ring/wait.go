@@ -28,7 +28,7 @@ const pollsPerYieldShared = 32
 
 // spinStretch bounds how far a Waiter stretches its spin budget towards the
 // typical wait, as a multiple of the configured spin.
-const spinStretch = 4
+const spinStretch = 10
 
 // maxSpinPause bounds how many waits in a row block without spinning after
 // spins kept failing, so a server that turns fast again is noticed within
