@@ -81,7 +81,8 @@ func FuzzDecodeBodies(f *testing.F) {
 // FuzzDecodeTensorList feeds the decoder untrusted bodies: it must fail
 // with a typed error or decode tensors that re-encode to a body of the same
 // length which decodes to the same tensors (padding is ignored when read,
-// so the bytes may differ only there), and binding them must not panic.
+// so the bytes may differ only there), also into reused storage, and
+// binding them must not panic.
 func FuzzDecodeTensorList(f *testing.F) {
 	var vectors tensorVectors
 	loadVectors(f, "tensors.json", &vectors)
@@ -104,7 +105,9 @@ func FuzzDecodeTensorList(f *testing.F) {
 		if err != nil || len(encoded) != len(body) {
 			t.Fatalf("decoded list re-encodes to %d bytes (%v), read %d", len(encoded), err, len(body))
 		}
-		again, err := DecodeTensorList(encoded)
+		// The second decode reuses storage a different list left behind.
+		stale := []Tensor{{Name: "stale", Shape: make([]int, MaxRank)}, {Name: "x", Shape: []int{1}}}
+		again, err := DecodeTensorListInto(stale, encoded)
 		if err != nil || len(again) != len(tensors) {
 			t.Fatalf("re-encoded list decodes to %d tensors, %v", len(again), err)
 		}

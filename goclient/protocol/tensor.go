@@ -439,7 +439,7 @@ func AppendTensorList(dst []byte, tensors []Tensor) ([]byte, error) {
 
 // check is what AppendTensorList requires of tensor i.
 func (t Tensor) check(i int) error {
-	label := tensorLabel(i, t.Name)
+	label := tensorRef{i, t.Name}
 	switch {
 	case len(t.Name) > MaxNameLen:
 		return newError(CodeBadTensor, "%s: name of %d bytes, at most %d", label, len(t.Name), MaxNameLen)
@@ -467,7 +467,7 @@ func (t Tensor) check(i int) error {
 	return nil
 }
 
-func checkBools(label string, data []byte) error {
+func checkBools(label tensorRef, data []byte) error {
 	for _, b := range data {
 		if b > 1 {
 			return newError(CodeBadTensor, "%s: a BOOL byte is %d, not 0 or 1", label, b)
@@ -476,11 +476,18 @@ func checkBools(label string, data []byte) error {
 	return nil
 }
 
-func tensorLabel(i int, name string) string {
-	if name == "" {
-		return fmt.Sprintf("tensor %d", i)
+// tensorRef names tensor i in an error message. It formats only when an
+// error is made, so checking a tensor that passes allocates nothing.
+type tensorRef struct {
+	i    int
+	name string
+}
+
+func (r tensorRef) String() string {
+	if r.name == "" {
+		return fmt.Sprintf("tensor %d", r.i)
 	}
-	return fmt.Sprintf("tensor %d (%q)", i, name)
+	return fmt.Sprintf("tensor %d (%q)", r.i, r.name)
 }
 
 // DecodeTensorList decodes a TensorList with every check of section 3.1,
@@ -489,7 +496,13 @@ func tensorLabel(i int, name string) string {
 // malformed. It never reads outside body, and the tensors' Data alias it.
 // It accepts 0..MaxTensors tensors, as a reply may carry; Bind adds the
 // rules for requests.
-func DecodeTensorList(body []byte) ([]Tensor, error) {
+func DecodeTensorList(body []byte) ([]Tensor, error) { return DecodeTensorListInto(nil, body) }
+
+// DecodeTensorListInto is DecodeTensorList into dst's storage: its tensors,
+// their shapes and names are reused where they are large enough (a name
+// where it is the same), so decoding replies of settled shapes allocates
+// nothing. dst's tensors are overwritten, even when it fails.
+func DecodeTensorListInto(dst []Tensor, body []byte) ([]Tensor, error) {
 	size := uint64(len(body))
 	if size < tensorListHeaderBytes {
 		return nil, newError(CodeBadLength, "TensorList of %d bytes: the header needs %d", size, tensorListHeaderBytes)
@@ -501,14 +514,14 @@ func DecodeTensorList(body []byte) ([]Tensor, error) {
 	if count > MaxTensors {
 		return nil, newError(CodeBadTensor, "tensor_count %d is over %d", count, MaxTensors)
 	}
-	tensors := make([]Tensor, count)
+	tensors := slices.Grow(dst[:0], count)[:count]
 	// Where each header says its data is; checked once every header is read,
 	// since the canonical offsets follow from where the headers end.
 	type extent struct{ offset, length uint64 }
-	extents := make([]extent, count)
+	var extents [MaxTensors]extent
 	pos := uint64(tensorListHeaderBytes)
 	for i := range tensors {
-		label := tensorLabel(i, "")
+		label := tensorRef{i, ""}
 		if pos+tensorHeaderBytes > size {
 			return nil, newError(CodeBadTensor, "%s: header past the end of the %d-byte body", label, size)
 		}
@@ -531,8 +544,11 @@ func DecodeTensorList(body []byte) ([]Tensor, error) {
 		if !utf8.Valid(name) {
 			return nil, newError(CodeBadTensor, "%s: name is not UTF-8", label)
 		}
-		t := Tensor{Name: string(name), DType: code, Shape: make([]int, rank)}
-		label = tensorLabel(i, t.Name)
+		t := Tensor{Name: tensors[i].Name, DType: code, Shape: slices.Grow(tensors[i].Shape[:0], int(rank))[:rank]}
+		if t.Name != string(name) { // compared without a copy
+			t.Name = string(name)
+		}
+		label = tensorRef{i, t.Name}
 		for j := range t.Shape {
 			d := binary.LittleEndian.Uint64(h[tensorHeaderBytes+8*j:])
 			if d > MaxDim {
@@ -554,7 +570,7 @@ func DecodeTensorList(body []byte) ([]Tensor, error) {
 	cursor, end := align(pos, dataAlign), pos
 	for i := range tensors {
 		t := &tensors[i]
-		label := tensorLabel(i, t.Name)
+		label := tensorRef{i, t.Name}
 		if extents[i].offset != cursor {
 			return nil, newError(CodeBadTensor, "%s: data_offset %d, the canonical layout puts it at %d", label, extents[i].offset, cursor)
 		}
@@ -570,7 +586,7 @@ func DecodeTensorList(body []byte) ([]Tensor, error) {
 	}
 	for i, t := range tensors {
 		if t.DType == DTypeBool {
-			if err := checkBools(tensorLabel(i, t.Name), t.Data); err != nil {
+			if err := checkBools(tensorRef{i, t.Name}, t.Data); err != nil {
 				return nil, err
 			}
 		}

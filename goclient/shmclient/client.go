@@ -12,7 +12,6 @@
 package shmclient
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -391,8 +390,59 @@ type Metadata = protocol.Metadata
 // BAD_DTYPE) fails here without a round trip, and so does a request over
 // the transport's limit (ErrTooLarge).
 func (c *Client) Infer(ctx context.Context, inputs ...Tensor) ([]Tensor, error) {
+	var out Outputs
+	if err := c.InferInto(ctx, &out, inputs...); err != nil {
+		return nil, err
+	}
+	return out.Tensors, nil
+}
+
+// Outputs is where InferInto puts a reply's tensors. Their Data alias a
+// buffer the Outputs owns, and the next InferInto into the same Outputs
+// reuses that buffer and the tensors' shapes and names: a goroutine that
+// keeps one Outputs allocates nothing per call once its replies' sizes have
+// settled.
+type Outputs struct {
+	// Tensors are the outputs in signature order, each named; valid until
+	// the next InferInto into this Outputs.
+	Tensors []Tensor
+	reply   []byte
+	// onMessage decodes a reply into boundTo: bound once, since a closure
+	// made per call would escape through the transport interface. A copied
+	// Outputs sees that boundTo is not itself, and starts over with storage
+	// of its own.
+	onMessage func(protocol.MsgType, []byte) error
+	boundTo   *Outputs
+}
+
+func (out *Outputs) decode(replyType protocol.MsgType, reply []byte) error {
+	if err := checkReply(protocol.TypeInfer, replyType, reply); err != nil {
+		return err
+	}
+	out.reply = append(out.reply[:0], reply...) // the copy the tensors alias
+	decoded, err := protocol.DecodeTensorListInto(out.Tensors, out.reply)
+	if err != nil {
+		return fmt.Errorf("%w: INFER reply: %v", protocol.ErrProtocolViolation, err)
+	}
+	out.Tensors = decoded
+	for i, t := range decoded {
+		if t.Name == "" {
+			return fmt.Errorf("%w: INFER reply: output %d has no name", protocol.ErrProtocolViolation, i)
+		}
+	}
+	return nil
+}
+
+// InferInto is Infer that decodes the outputs into out (see Outputs) instead
+// of new memory. On an error out.Tensors is empty.
+func (c *Client) InferInto(ctx context.Context, out *Outputs, inputs ...Tensor) error {
+	if out.boundTo != out { // new, or a copy that must not write into the original's storage
+		*out = Outputs{}
+		out.onMessage, out.boundTo = out.decode, out
+	}
+	out.Tensors = out.Tensors[:0]
 	if len(inputs) == 0 {
-		return nil, &protocol.Error{Code: protocol.CodeBadTensor, Message: fmt.Sprintf("INFER carries 1..%d tensors, not 0", protocol.MaxTensors)}
+		return &protocol.Error{Code: protocol.CodeBadTensor, Message: fmt.Sprintf("INFER carries 1..%d tensors, not 0", protocol.MaxTensors)}
 	}
 	pooled, _ := requestBodies.Get().(*[]byte)
 	if pooled == nil {
@@ -406,27 +456,16 @@ func (c *Client) Infer(ctx context.Context, inputs ...Tensor) ([]Tensor, error) 
 		}
 	}()
 	if err != nil {
-		return nil, err
+		return err
 	}
-	var outputs []Tensor
-	err = c.roundTrip(ctx, protocol.TypeInfer, body, func(reply []byte) error {
-		// One copy of the reply, which the decoded tensors then alias.
-		decoded, err := protocol.DecodeTensorList(bytes.Clone(reply))
-		if err != nil {
-			return fmt.Errorf("%w: INFER reply: %v", protocol.ErrProtocolViolation, err)
-		}
-		for i, t := range decoded {
-			if t.Name == "" {
-				return fmt.Errorf("%w: INFER reply: output %d has no name", protocol.ErrProtocolViolation, i)
-			}
-		}
-		outputs = decoded
-		return nil
-	})
-	return outputs, err
+	if err := c.exchange(ctx, protocol.TypeInfer, body, out.onMessage); err != nil {
+		out.Tensors = out.Tensors[:0]
+		return err
+	}
+	return nil
 }
 
-// requestBodies keeps Infer's encoded requests between calls: a body lives
+// requestBodies keeps InferInto's encoded requests between calls: a body lives
 // only until its call returns, and one allocated per call, as large as the
 // inputs, kept the garbage collector cycling. At GOMAXPROCS > 1 its workers
 // then ran on the idle Ps, taking the CPU a server on the same machine needed

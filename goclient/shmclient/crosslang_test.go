@@ -125,6 +125,17 @@ func TestCrossLanguageEchoFrom16Goroutines(t *testing.T) {
 	}
 }
 
+// fewestAllocsPerRun is the least of a few testing.AllocsPerRun: that counts
+// the whole process's allocations, and goroutines other tests left winding
+// down (servers, reapers) allocate now and then.
+func fewestAllocsPerRun(f func()) float64 {
+	fewest := testing.AllocsPerRun(500, f)
+	for range 4 {
+		fewest = min(fewest, testing.AllocsPerRun(500, f))
+	}
+	return fewest
+}
+
 // A tuned caller's loop (EchoAppend into the last reply) allocates nothing
 // over the ring, at 1 in flight and with waits parked behind the poller.
 func TestCrossLanguageEchoAppendOverRingAllocatesNothing(t *testing.T) {
@@ -144,7 +155,7 @@ func TestCrossLanguageEchoAppendOverRingAllocatesNothing(t *testing.T) {
 	for range 100 { // the first calls grow reply and set up the ring's waiter
 		reply = echo(reply)
 	}
-	if allocs := testing.AllocsPerRun(2000, func() { reply = echo(reply) }); allocs != 0 {
+	if allocs := fewestAllocsPerRun(func() { reply = echo(reply) }); allocs != 0 {
 		t.Errorf("EchoAppend over shm allocated %v times per call", allocs)
 	}
 	others, stop := context.WithCancel(ctx)
@@ -158,7 +169,7 @@ func TestCrossLanguageEchoAppendOverRingAllocatesNothing(t *testing.T) {
 			}
 		})
 	}
-	if allocs := testing.AllocsPerRun(2000, func() { reply = echo(reply) }); allocs != 0 {
+	if allocs := fewestAllocsPerRun(func() { reply = echo(reply) }); allocs != 0 {
 		t.Errorf("EchoAppend over shm with 4 in flight allocated %v times per call", allocs)
 	}
 	stop()

@@ -4,6 +4,7 @@ import (
 	"context"
 	"maps"
 	"os/exec"
+	"reflect"
 	"runtime"
 	"strings"
 	"sync"
@@ -154,6 +155,41 @@ func TestInferDoesNotAllocateItsRequest(t *testing.T) {
 	runtime.ReadMemStats(&after)
 	if perCall := (after.TotalAlloc - before.TotalAlloc) / calls; perCall > uint64(len(input.Data))*3/2 {
 		t.Errorf("Infer of a %d-byte tensor allocated %d bytes per call: the request body too", len(input.Data), perCall)
+	}
+}
+
+func TestInferIntoReusesItsOutputs(t *testing.T) {
+	client := &Client{transport: scriptedTransport{}} // answers with the request's own tensors
+	named := func(name string, tensor Tensor) Tensor { tensor.Name = name; return tensor }
+	small := named("y", protocol.NewFloat32([]int{1, 2}, []float32{1, 2}))
+	large := named("y", protocol.NewFloat32([]int{2, 3}, []float32{1, 2, 3, 4, 5, 6}))
+	pair := []Tensor{named("ids", protocol.NewInt64([]int{3}, []int64{7, 8, 9})), small}
+	var out Outputs
+	for _, inputs := range [][]Tensor{{small}, {large}, pair, {small}, {large}} {
+		if err := client.InferInto(context.Background(), &out, inputs...); err != nil {
+			t.Fatalf("InferInto(%v) = %v", inputs, err)
+		}
+		if !reflect.DeepEqual(out.Tensors, inputs) {
+			t.Fatalf("InferInto(%v) gave %v", inputs, out.Tensors)
+		}
+	}
+	if allocs := fewestAllocsPerRun(func() {
+		if err := client.InferInto(context.Background(), &out, large); err != nil {
+			t.Fatal(err)
+		}
+	}); allocs != 0 {
+		t.Errorf("InferInto of a settled shape allocated %v times", allocs)
+	}
+	// A copy decodes into itself, never into the Outputs it was copied from.
+	copied := out
+	if err := client.InferInto(context.Background(), &copied, small); err != nil || !reflect.DeepEqual(copied.Tensors, []Tensor{small}) {
+		t.Fatalf("InferInto into a copy = %v, %v", copied.Tensors, err)
+	}
+	if !reflect.DeepEqual(out.Tensors[0].Shape, []int{2, 3}) {
+		t.Fatalf("InferInto into a copy changed the original: %v", out.Tensors)
+	}
+	if err := client.InferInto(context.Background(), &out); err == nil || len(out.Tensors) != 0 {
+		t.Fatalf("InferInto with no inputs = %v, outputs %v; want an error and none", err, out.Tensors)
 	}
 }
 

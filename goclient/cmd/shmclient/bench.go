@@ -161,22 +161,27 @@ func (r benchRequest) calls(client *shmclient.Client, n int) []func(context.Cont
 	}
 	// Outputs may differ in value from call to call (a batch of other
 	// requests may round differently), never in kind: every worker's reply
-	// is checked against the first of all.
+	// is checked against the first of all. Each worker decodes into its own
+	// Outputs (a tuned caller's pattern, as EchoAppend is for echo), so the
+	// first reply's kind is kept as a copy.
 	var first []shmclient.Tensor
 	var once sync.Once
-	infer := func(ctx context.Context) error {
-		outputs, err := client.Infer(ctx, r.inputs...)
-		if err != nil {
-			return err
-		}
-		once.Do(func() { first = outputs })
-		if !sameKind(outputs, first) {
-			return fmt.Errorf("outputs %v, the first reply had %v", outputs, first)
-		}
-		return nil
-	}
 	for i := range calls {
-		calls[i] = infer
+		var out shmclient.Outputs
+		calls[i] = func(ctx context.Context) error {
+			if err := client.InferInto(ctx, &out, r.inputs...); err != nil {
+				return err
+			}
+			once.Do(func() {
+				for _, t := range out.Tensors {
+					first = append(first, shmclient.Tensor{Name: t.Name, DType: t.DType, Shape: slices.Clone(t.Shape)})
+				}
+			})
+			if !sameKind(out.Tensors, first) {
+				return fmt.Errorf("outputs %v, the first reply had %v", out.Tensors, first)
+			}
+			return nil
+		}
 	}
 	return calls
 }
