@@ -164,7 +164,9 @@ func (c *Client) Echo(ctx context.Context, data []byte) ([]byte, error) {
 
 // EchoAppend is Echo that appends the copy to dst and returns the extended
 // slice, as strconv.AppendInt does: a caller that passes the last reply
-// back as dst[:0] allocates nothing per call once it is large enough.
+// back as dst[:0] allocates nothing per call once it is large enough (but
+// for a ring wait that outlasts the spin on a ctx with a Done channel: it
+// arms a wake-up for the cancel).
 func (c *Client) EchoAppend(ctx context.Context, dst, data []byte) ([]byte, error) {
 	a := echoAppenders.Get().(*echoAppender)
 	a.dst = dst
