@@ -469,11 +469,9 @@ func (c *Client) InferInto(ctx context.Context, out *Outputs, inputs ...Tensor) 
 
 // requestBodies keeps InferInto's encoded requests between calls: a body lives
 // only until its call returns, and one allocated per call, as large as the
-// inputs, kept the garbage collector cycling. At GOMAXPROCS > 1 its workers
-// then ran on the idle Ps, taking the CPU a server on the same machine needed
-// (a 12 KB float32 tensor: 215 collections/s and a reply blocked in one wait
-// of six, against 1 in 150 at GOMAXPROCS=1). maxPooledBody keeps a rare huge
-// request from being held between calls.
+// inputs, keeps the garbage collector cycling, whose workers run on idle Ps,
+// that is, on the CPU a server on the same machine needs (bench/README.md).
+// maxPooledBody keeps a rare huge request from being held between calls.
 var requestBodies sync.Pool // of *[]byte
 
 const maxPooledBody = 1 << 20
