@@ -184,3 +184,25 @@ def test_the_keras_adapter_serves_a_two_input_model_on_tensorflow_too(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0 and "ok (5, 1)" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("target, options", [
+    ("keras", {"model_path": KERAS_CIFAR}),
+    ("jax", {"function": "{jax_file}:score"}),
+])
+def test_jax_backed_adapters_run_cpu_computations_on_the_calling_thread(target, options,
+                                                                        jax_file):
+    """Asynchronous CPU dispatch costs a served call two thread hand-offs; the adapters turn it
+    off before JAX makes its CPU client (in a child: the setting is the process's)."""
+    options = {k: v.format(jax_file=jax_file) for k, v in options.items()}
+    script = textwrap.dedent(f'''
+        from shmserve.models import build
+        model = build({target!r}, {{}}, {options!r})
+        model.warmup()
+        import jax
+        print("async", jax.config.values["jax_cpu_enable_async_dispatch"])
+    ''')
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "async False" in done.stdout

@@ -19,6 +19,17 @@ import numpy as np
 from shmserve import Model, Signature
 
 
+def dispatch_inline() -> None:
+    """Run JAX's CPU computations on the calling thread. Asynchronous dispatch hands each call
+    to a worker thread and blocks the caller on the result, which a server needs at once: two
+    thread hand-offs per call for nothing (bench/README.md has the measurement). The setting is
+    the process's, like the model it serves, and JAX reads it when it creates its CPU client:
+    call this before anything makes an array."""
+    import jax
+
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+
+
 def _buckets(max_batch_size: int) -> list[int]:
     sizes, n = [], 1
     while n < max_batch_size:
@@ -90,6 +101,7 @@ def build(function: str | None = None, signature: str | None = None) -> JaxModel
 
     if not function:
         raise ModelLoadError("--model jax needs --model-option function=MODULE:FN")
+    dispatch_inline()  # before FN's module, which may make arrays at import
     module = function.rpartition(":")[0]
     fn = resolve(function)
     sig = resolve(signature or f"{module}:SIGNATURE")

@@ -20,7 +20,7 @@ from os import PathLike
 from pathlib import Path
 
 from shmserve import Model, Signature, TensorSpec
-from shmserve.models.jax_model import Compiled
+from shmserve.models.jax_model import Compiled, dispatch_inline
 
 
 def _spec(name: str, tensor) -> TensorSpec:
@@ -42,6 +42,8 @@ class KerasModel(Model):
         os.environ.setdefault("KERAS_BACKEND", "jax")
         import keras
 
+        if keras.backend.backend() == "jax":
+            dispatch_inline()  # before loading creates JAX's CPU client, which reads it
         self.path = Path(path)
         self.keras = keras.saving.load_model(self.path, compile=False)
         self.backend = keras.backend.backend()
