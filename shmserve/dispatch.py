@@ -249,7 +249,9 @@ class Dispatcher:
                 if may_wait and self.batch_wait_s:
                     self._gather()
                 while pending:
-                    batch = [pending.popleft() for _ in range(min(len(pending), self.max_batch))]
+                    batch = [pending.popleft()]
+                    while pending and len(batch) < self.max_batch:
+                        batch.append(pending.popleft())
                     self._submit(batch)
             finally:
                 self._model_lock.release()
@@ -269,7 +271,7 @@ class Dispatcher:
         return self.metrics.recorder(transport) if self.metrics is not None else None
 
     def _submit(self, batch: list[Call]) -> None:
-        started = time.perf_counter()
+        started = time.perf_counter() if self.metrics is not None else 0.0
         try:
             self.model.submit(batch)
         except ProtocolError as exc:

@@ -135,6 +135,9 @@ class Model:
 
     def submit(self, calls: list[Call]) -> None:
         """Answer ``calls``, now or later. The default runs ``infer`` on stacked batches."""
+        if len(calls) == 1 and type(calls[0]) is InferCall:  # a lone call: nothing to group
+            run_batch(self, calls)
+            return
         infer_calls = []
         for call in calls:
             if isinstance(call, InferCall):

@@ -366,7 +366,8 @@ class Binding:
 # Header plans kept by encode() and by each OutputEncoder: a model answers a handful of
 # shapes, and packing the headers costs more than copying a few KiB of data.
 _PLANS_KEPT = 256
-_Plan = tuple[bytes, tuple[int, ...], int]  # header bytes, each tensor's data offset, body size
+# The header padded up to the first tensor's data, and the padding after each tensor's data.
+_Plan = tuple[bytes, tuple[bytes, ...]]
 _HEADERS: dict[tuple, _Plan] = {}
 
 
@@ -381,20 +382,21 @@ def _header_plan(tensors: Sequence[tuple[str, DType, np.ndarray]]) -> _Plan:
         at.append((raw, pos))
         pos = _align(pos + TENSOR_HEADER.size + 8 * array.ndim + len(raw), HEADER_ALIGN)
     cursor = _align(pos, DATA_ALIGN)
-    header = bytearray(pos)
+    header = bytearray(cursor)
     LIST_HEADER.pack_into(header, 0, len(tensors), 0, 0)
-    offsets = []
-    end = LIST_HEADER.size
+    pads = []
     for (raw, header_pos), (_, dtype, array) in zip(at, tensors):
         TENSOR_HEADER.pack_into(header, header_pos, dtype.code, array.ndim, len(raw), 0, cursor,
                                 array.nbytes)
         struct.pack_into(f"<{array.ndim}Q", header, header_pos + TENSOR_HEADER.size, *array.shape)
         name_at = header_pos + TENSOR_HEADER.size + 8 * array.ndim
         header[name_at:name_at + len(raw)] = raw
-        offsets.append(cursor)
         end = cursor + array.nbytes
         cursor = _align(end, DATA_ALIGN)
-    return bytes(header), tuple(offsets), end
+        pads.append(bytes(cursor - end))
+    if pads:
+        pads[-1] = b""  # the body ends with the last tensor's data
+    return bytes(header), tuple(pads)
 
 
 def encode(tensors: Sequence[tuple[str, np.ndarray]]) -> bytearray:
@@ -418,14 +420,11 @@ def encode(tensors: Sequence[tuple[str, np.ndarray]]) -> bytearray:
 
 
 def _write(plan: _Plan, arrays: Sequence[np.ndarray]) -> bytearray:
-    header, offsets, size = plan
-    out = bytearray(size)
-    out[:len(header)] = header
-    view = memoryview(out)
-    for array, offset in zip(arrays, offsets):
-        if array.nbytes:
-            view[offset:offset + array.nbytes] = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
-    view.release()
+    header, pads = plan
+    out = bytearray(header)
+    for array, pad in zip(arrays, pads):
+        out.extend(array.reshape(-1).view(np.uint8))  # reshape copies only a non-contiguous array
+        out += pad
     return out
 
 
@@ -445,8 +444,13 @@ class OutputEncoder:
 
     def encode(self, outputs) -> bytearray:
         arrays = self._ordered(outputs)
-        if all(type(a) is np.ndarray and a.dtype == d for a, d in zip(arrays, self._dtypes)):
-            plan = self._plans.get(tuple(a.shape for a in arrays))
+        shapes = []
+        for array, dtype in zip(arrays, self._dtypes):
+            if type(array) is not np.ndarray or array.dtype != dtype:
+                break
+            shapes.append(array.shape)
+        else:
+            plan = self._plans.get(tuple(shapes))
             if plan is not None:
                 return _write(plan, arrays)
         arrays = self._checked(arrays)
@@ -459,9 +463,13 @@ class OutputEncoder:
         return _write(plan, arrays)
 
     def _ordered(self, outputs) -> list:
-        if isinstance(outputs, (dict, Mapping)):  # dict first: the ABC check is slow
-            arrays = [outputs.get(name) for name in self._names]
-            if len(outputs) != len(self._names) or any(a is None for a in arrays):
+        if isinstance(outputs, dict) or (not isinstance(outputs, (list, tuple, np.ndarray))
+                                         and isinstance(outputs, Mapping)):  # the ABC is slow
+            try:
+                arrays = [outputs[name] for name in self._names]
+            except KeyError:
+                arrays = None
+            if arrays is None or len(outputs) != len(self._names):
                 raise TypeError(f"model outputs {sorted(outputs)}; the signature declares "
                                 f"{self._names}")
             return arrays

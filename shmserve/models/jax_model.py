@@ -48,6 +48,9 @@ class Compiled:
         self.signature = signature
         batched = signature.max_batch_size > 0
         self.buckets = _buckets(signature.max_batch_size) if batched and pad_batches else []
+        # bucket_of[rows]: the bucket a batch of that many rows is padded to.
+        self._bucket_of = [next(b for b in self.buckets if b >= rows)
+                           for rows in range(self.buckets[-1] + 1)] if self.buckets else []
         self._warm_rows = self.buckets or ([1] if batched else [None])
 
     def warmup(self) -> None:
@@ -59,7 +62,7 @@ class Compiled:
     def run(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         rows = arrays[0].shape[0] if self.buckets else None
         if rows is not None:
-            bucket = next(b for b in self.buckets if b >= rows)
+            bucket = self._bucket_of[rows]
             if bucket != rows:
                 padded = []
                 for array in arrays:
@@ -76,7 +79,9 @@ class Compiled:
         if len(outputs) != len(specs):
             raise TypeError(f"the function returned {len(outputs)} output(s); the signature "
                             f"declares {len(specs)}")
-        return [np.asarray(out)[:rows] if rows is not None else np.asarray(out) for out in outputs]
+        if rows is None or rows == bucket:
+            return [np.asarray(out) for out in outputs]
+        return [np.asarray(out)[:rows] for out in outputs]
 
 
 class JaxModel(Model):

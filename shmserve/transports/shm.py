@@ -376,6 +376,7 @@ class ShmTransport:
                                 [L.slot_sem_name(ring_name, i) for i in range(g.slot_count)])
         self._mv = memoryview(mm)
         self._slots = [_Slot(i, self._ring) for i in range(g.slot_count)]
+        self._request_data = [g.request_data_offset(i) for i in range(g.slot_count)]
         self._outbox: collections.deque = collections.deque()  # frames from other threads
         self._thread_id = None
         self._stopping = False
@@ -471,7 +472,7 @@ class ShmTransport:
                 RingRequest(self, slot, seq, req_id, msg_type, b"").fail(
                     ErrorCode.CORRUPT_RECORD, problem)
                 continue
-            offset = self.geometry.request_data_offset(slot)
+            offset = self._request_data[slot]
             requests.append(RingRequest(self, slot, seq, req_id, msg_type,
                                         self._mv[offset:offset + length]))
         return requests
