@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import abc
 import collections
-import functools
 import logging
 import threading
 import time
@@ -130,7 +129,9 @@ class Dispatcher:
         self._labels = tuple(label.encode() for label in model.labels or ())
         self._bindings: dict[tuple[int, bytes], tensors.Binding] = {}
         self._last_binding: tensors.Binding | None = None
-        self._outputs = tensors.OutputEncoder(model.signature) if model.signature else None
+        # Outputs -> INFER reply body; _bind refuses INFER first when there is no signature.
+        self._encode_outputs = (tensors.OutputEncoder(model.signature).encode if model.signature
+                                else None)
         self._pending: collections.deque[Call] = collections.deque()
         self._arrived = threading.Event()
         self._model_lock = threading.Lock()
@@ -156,11 +157,12 @@ class Dispatcher:
     def _accept(self, request: Request) -> Call | None:
         """The request's Call for the model, or None when it was answered here."""
         msg_type = check_request(request.msg_type, len(request.body))
+        if msg_type is MsgType.INFER:
+            return InferCall(request, self._bind(request.body), MsgType.INFER,
+                             self._encode_outputs)
         if msg_type == MsgType.ECHO:
             request.reply(MsgType.ECHO, request.body)
             return None
-        if msg_type is MsgType.INFER:
-            return InferCall(request, self._bind(request.body), self._encode_infer)
         if msg_type is MsgType.METADATA:
             request.reply(MsgType.METADATA, self.metadata)
             return None
@@ -179,10 +181,9 @@ class Dispatcher:
                                 f"{self.model.name!r} takes at most "
                                 f"{self.signature.max_batch_size} at once")
         images = np.frombuffer(request.body, np.uint8).reshape(count, *IMAGE_SHAPE)
-        encode = (self._encode_label if msg_type is MsgType.CLASSIFY
-                  else functools.partial(self._encode_scores, msg_type))
+        encode = self._encode_label if msg_type is MsgType.CLASSIFY else self._encode_scores
         request.msg_type = msg_type
-        return InferCall(request, {self.signature.inputs[0].name: images}, encode)
+        return InferCall(request, {self.signature.inputs[0].name: images}, msg_type, encode)
 
     def _unsupported(self, msg_type: MsgType) -> ProtocolError:
         return ProtocolError(ErrorCode.UNSUPPORTED, f"model {self.model.name!r} does not serve "
@@ -211,9 +212,6 @@ class Dispatcher:
         return bound
 
     # -- replies ---------------------------------------------------------------------------
-    def _encode_infer(self, outputs):
-        return MsgType.INFER, self._outputs.encode(outputs)
-
     def _scores(self, outputs) -> np.ndarray:
         if isinstance(outputs, dict):
             outputs = outputs[self.signature.outputs[0].name]
@@ -225,13 +223,13 @@ class Dispatcher:
                             f"{list(scores.shape)}; its labels need [N, {len(self._labels)}]")
         return scores
 
-    def _encode_label(self, outputs):
-        return MsgType.CLASSIFY, self._labels[int(self._scores(outputs)[0].argmax())]
+    def _encode_label(self, outputs) -> bytes:
+        return self._labels[int(self._scores(outputs)[0].argmax())]
 
-    def _encode_scores(self, msg_type: MsgType, outputs):
+    def _encode_scores(self, outputs) -> bytes:
         if len(self._labels) != 10:  # a ScoreRecord holds exactly ten probabilities
             raise TypeError("CLASSIFY_SCORES and CLASSIFY_BATCH need a ten-label model")
-        return msg_type, encode_scores(self._scores(outputs))
+        return encode_scores(self._scores(outputs))
 
     # -- model calls -----------------------------------------------------------------------
     def _run(self, calls: list[Call], may_wait: bool) -> None:

@@ -61,12 +61,13 @@ class Call:
 class InferCall(Call):
     """An INFER (or CLASSIFY) request: ``inputs`` by name, valid until ``submit`` returns."""
 
-    __slots__ = ("inputs", "_encode")
+    __slots__ = ("inputs", "_reply_type", "_encode")
 
-    def __init__(self, request, inputs: dict[str, np.ndarray], encode):
-        super().__init__(request)
+    def __init__(self, request, inputs: dict[str, np.ndarray], reply_type: MsgType, encode):
+        self._request = request
         self.inputs = inputs
-        self._encode = encode  # outputs -> (reply type, body); raises TypeError on a mismatch
+        self._reply_type = reply_type
+        self._encode = encode  # outputs -> reply body; raises TypeError on a mismatch
 
     @property
     def rows(self) -> int:
@@ -75,8 +76,7 @@ class InferCall(Call):
         return first.shape[0] if first.ndim else 1
 
     def reply(self, outputs) -> None:
-        msg_type, body = self._encode(outputs)
-        self._request.reply(msg_type, body)
+        self._request.reply(self._reply_type, self._encode(outputs))
 
 
 class PromptCall(Call):
