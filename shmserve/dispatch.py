@@ -16,6 +16,7 @@ import collections
 import logging
 import threading
 import time
+import weakref
 
 import numpy as np
 
@@ -46,6 +47,21 @@ def _header_key(body) -> tuple[int, bytes] | None:
     if pos > size:
         return None
     return size, bytes(body[:pos])
+
+
+def _buffer_roots(arrays) -> list[weakref.ref]:
+    """Weak references to the buffers the arrays are views of: numpy makes its own memoryview
+    of a buffer for each frombuffer array, and every view derived from the array (a slice, a
+    transpose, a reshape) keeps that one alive. Arrays that own their data (decoded from JSON)
+    hold no transport buffer, and a bytes body is never reused."""
+    roots = []
+    for array in arrays:
+        root = array.base
+        while isinstance(root, np.ndarray):
+            root = root.base
+        if isinstance(root, memoryview) and not isinstance(root.obj, bytes):
+            roots.append(weakref.ref(root))
+    return roots
 
 
 class Request(abc.ABC):
@@ -81,8 +97,7 @@ class Request(abc.ABC):
             self.reply(MsgType.ERROR, encode_error(code, message))
 
     def release(self) -> None:
-        """Give the body's buffer back to the transport. Raises BufferError while a numpy view
-        of it is still alive somewhere."""
+        """Give the body's buffer back to the transport."""
         if isinstance(self.body, memoryview):
             self.body.release()
 
@@ -284,13 +299,21 @@ class Dispatcher:
                 self._release(call)
 
     def _release(self, call: Call) -> None:
-        """Enforce the lifetime rule: inputs are the transport's buffer, valid until submit()
-        returned. A view kept past that would read a slot reused by another request."""
+        """Enforce the lifetime rule: inputs are views of the transport's buffer, valid until
+        submit() returned; one kept past that would read a slot or socket buffer reused by
+        another request. A numpy view does not pin the memoryview it was made from (release
+        succeeds under it), so what tells is whether the buffer the inputs hang from outlives
+        the call's hold on them."""
+        kept = False
         if isinstance(call, InferCall):
+            held = _buffer_roots(call.inputs.values())
             call.inputs = None
+            kept = any(root() is not None for root in held)
         try:
             call._request.release()
-        except BufferError:
+        except BufferError:  # something still exports the buffer itself
+            kept = True
+        if kept:
             message = (f"model {self.model.name!r} kept a view of a request input after "
                        f"submit() returned; copy it (numpy.array) to use it later")
             log.error(message)

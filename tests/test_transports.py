@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from shmserve import layout as L
@@ -231,3 +232,57 @@ def test_one_poll_answers_echoes_until_a_request_needs_python():
     finally:
         client.close()
         transport.close()
+
+
+HOARDER = '''
+import threading
+import numpy as np
+import shmserve
+from shmserve import Signature, TensorSpec
+
+
+class Hoarder(shmserve.Model):
+    """Answers a row starting with a negative number later, from a timer, with the input view
+    it kept (the lifetime rule says to copy it); other rows at once, from a copy."""
+
+    name = "hoarder"
+    signature = Signature([TensorSpec("x", "float32", (-1, -1))],
+                          [TensorSpec("y", "float32", (-1, -1))], max_batch_size=8)
+
+    def submit(self, calls):
+        for call in calls:
+            x = call.inputs["x"]
+            if x[0, 0] < 0:
+                threading.Timer(0.2, lambda c=call, v=x[0:1]: c.done or c.reply({"y": v})).start()
+            else:
+                call.reply({"y": np.array(x)})
+
+
+def hoarder():
+    return Hoarder()
+'''
+
+
+def test_a_model_that_keeps_an_input_view_past_submit_fails_that_call(start_server, tmp_path):
+    """The lifetime rule is enforced: a view of the ring slot or socket buffer kept past
+    submit() would read the next request's bytes, so the call fails with INTERNAL at once."""
+    from shmserve import tensors
+
+    model = tmp_path / "hoarder.py"
+    model.write_text(HOARDER)
+    server = start_server("--model", f"{model}:hoarder", "--transport", "shm,unix")
+    kept = bytes(tensors.encode([("x", np.full((1, 4), -1, np.float32))]))
+    copied = np.arange(8, dtype=np.float32).reshape(2, 4)
+    ring, stream = RingClient(server.name), PacketClient(server.socket)
+    try:
+        for client in (ring, stream):
+            with pytest.raises(ServerError) as info:
+                client.call(MsgType.INFER, kept)
+            assert info.value.code == ErrorCode.INTERNAL
+            assert "kept a view of a request input" in info.value.message
+            msg_type, body = client.call(MsgType.INFER, bytes(tensors.encode([("x", copied)])))
+            assert msg_type == MsgType.INFER
+            np.testing.assert_array_equal(dict(tensors.decode(body))["y"], copied)
+    finally:
+        ring.close()
+        stream.close()

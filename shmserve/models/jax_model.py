@@ -61,16 +61,19 @@ class Compiled:
 
     def run(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         rows = arrays[0].shape[0] if self.buckets else None
-        if rows is not None:
+        padded = rows is not None and self._bucket_of[rows] != rows
+        if padded:
             bucket = self._bucket_of[rows]
-            if bucket != rows:
-                padded = []
-                for array in arrays:
-                    pad = np.zeros((bucket, *array.shape[1:]), array.dtype)
-                    pad[:rows] = array
-                    padded.append(pad)
-                arrays = padded
-        outputs = self.call(*arrays)
+            copies = []
+            for array in arrays:
+                pad = np.zeros((bucket, *array.shape[1:]), array.dtype)
+                pad[:rows] = array
+                copies.append(pad)
+        else:
+            # Inputs are views of the transport's buffer, and JAX keeps an argument it aliased
+            # until its next call, past submit(): the lifetime rule wants a copy.
+            copies = [np.array(array) for array in arrays]
+        outputs = self.call(*copies)
         specs = self.signature.outputs
         if isinstance(outputs, dict):
             outputs = [outputs[spec.name] for spec in specs]
@@ -79,9 +82,9 @@ class Compiled:
         if len(outputs) != len(specs):
             raise TypeError(f"the function returned {len(outputs)} output(s); the signature "
                             f"declares {len(specs)}")
-        if rows is None or rows == bucket:
-            return [np.asarray(out) for out in outputs]
-        return [np.asarray(out)[:rows] for out in outputs]
+        if padded:
+            return [np.asarray(out)[:rows] for out in outputs]
+        return [np.asarray(out) for out in outputs]
 
 
 class JaxModel(Model):
