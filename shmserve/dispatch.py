@@ -57,9 +57,9 @@ def _buffer_roots(arrays) -> list[weakref.ref]:
     roots = []
     for array in arrays:
         root = array.base
-        while isinstance(root, np.ndarray):
+        while type(root) is np.ndarray:  # a view of a view
             root = root.base
-        if isinstance(root, memoryview) and not isinstance(root.obj, bytes):
+        if type(root) is memoryview and type(root.obj) is not bytes:
             roots.append(weakref.ref(root))
     return roots
 
@@ -308,7 +308,8 @@ class Dispatcher:
         if isinstance(call, InferCall):
             held = _buffer_roots(call.inputs.values())
             call.inputs = None
-            kept = any(root() is not None for root in held)
+            for root in held:
+                kept = kept or root() is not None
         try:
             call._request.release()
         except BufferError:  # something still exports the buffer itself

@@ -341,10 +341,15 @@ class Binding:
         plan = []
         for spec in signature.inputs:
             _, dtype, dims, offset = by_name[spec.name]
-            count = 1
-            for d in dims:
-                count *= d
-            plan.append((spec.name, dtype.np, count, dims, offset, dtype.code == 1))
+            if dims and all(dims):
+                # A dtype of one row: frombuffer makes the whole shape at once, no reshape.
+                plan.append((spec.name, np.dtype((dtype.np, dims[1:])), dims[0], None, offset,
+                             dtype.code == 1))
+            else:  # a scalar, or a zero dim (a row of no bytes is no dtype): flat, reshaped
+                count = 1
+                for d in dims:
+                    count *= d
+                plan.append((spec.name, dtype.np, count, dims, offset, dtype.code == 1))
         self.plan = tuple(plan)
         self.header = header
         self.size = layout.size
@@ -355,7 +360,9 @@ class Binding:
     def arrays(self, body) -> dict[str, np.ndarray]:
         out = {}
         for name, dtype, count, dims, offset, is_bool in self.plan:
-            array = np.frombuffer(body, dtype, count, offset).reshape(dims)
+            array = np.frombuffer(body, dtype, count, offset)
+            if dims is not None:
+                array = array.reshape(dims)
             if is_bool and count and array.view(np.uint8).max() > 1:
                 raise _tensor_error(ErrorCode.BAD_TENSOR, f"tensor {name!r}: a BOOL byte is "
                                     f"not 0 or 1")
