@@ -94,6 +94,7 @@ typedef struct {
     Ready *ready;
     Event *events;
     uint64_t bell;     /* the doorbell value the last scan started from */
+    uint32_t scan_from; /* the slot the last scan found something in; rung scans start there */
     int rescan;        /* scan at the next poll without waiting */
     int echo_inline;
     atomic_uint notified;
@@ -222,45 +223,70 @@ static void publish(RingObject *r, uint32_t slot, uint32_t seq, uint64_t id, uin
 
 /* -- scanning ---------------------------------------------------------------------------- */
 
+/* One slot of a scan: takes its new request (answering an echo in place) or its cancel/ack
+ * event when the slot is watched. Returns whether the slot had either. */
+static int scan_slot(RingObject *r, uint32_t slot, uint32_t max_ready, uint32_t *n,
+                     uint32_t *ne) {
+    unsigned char *s = slot_base(r, slot);
+    uint32_t seq = load_acquire32(s + S_REQ_SEQ);
+    uint8_t watch = r->watch[slot];
+    if (seq != r->served[slot]) {
+        if (*n == max_ready) {
+            r->rescan = 1; /* served stays behind: the next poll takes it */
+            return 1;
+        }
+        uint64_t id = load_relaxed64(s + S_REQ_ID);
+        uint32_t len = load_relaxed32(s + S_REQ_LEN);
+        uint8_t type = load_relaxed8(s + S_REQ_TYPE);
+        uint32_t owner = load_relaxed32(s + S_OWNER);
+        r->served[slot] = seq;
+        if (r->echo_inline && !watch && type == MSG_ECHO && owner != 0 &&
+            len <= r->req_capacity && len <= r->resp_capacity) {
+            publish(r, slot, seq, id, MSG_ECHO, s + S_DATA, len, 1);
+            atomic_store_explicit(&r->inline_echoes,
+                                  atomic_load_explicit(&r->inline_echoes, memory_order_relaxed) + 1,
+                                  memory_order_relaxed);
+            return 1;
+        }
+        r->ready[(*n)++] = (Ready){slot, seq, len, owner, id, type};
+        return 1; /* a new request supersedes its slot's old state: no events for it */
+    }
+    if (!watch) return 0;
+    if (load_acquire32(s + S_CANCEL_SEQ) == seq) {
+        r->events[(*ne)++] = (Event){slot, EVENT_CANCEL};
+        return 1;
+    }
+    if ((watch & WATCH_ACK) && load_acquire32(s + S_ACK_SEQ) == load_relaxed32(s + S_FRAME_SEQ)) {
+        r->events[(*ne)++] = (Event){slot, EVENT_ACK};
+        return 1;
+    }
+    return 0;
+}
+
 /* Takes every new request (up to max_ready handed to Python), answering echoes in place,
  * and collects cancel/ack events of watched slots. Runs without the GIL. Returns whether
- * notify() was called since the last scan. */
+ * notify() was called since the last scan.
+ *
+ * Every publish, ack and cancel rings the doorbell once after it is stored (section 10), so
+ * once the scan has found as many requests and events as the doorbell moved, the slots it
+ * has not looked at hold nothing that was rung for: it stops there (a lone client's slot is
+ * then the only one read, not every slot's line), and the next scan starts at the last slot
+ * found. A scan the doorbell did not prompt (a timed-out wait, notify, watch) looks at every
+ * slot, so a request published without a ring, or passed over because one found in its
+ * place had not rung yet, waits one interval at most. */
 static int scan(RingObject *r, uint32_t max_ready, uint32_t *n_ready, uint32_t *n_events) {
     uint32_t n = 0, ne = 0;
     r->rescan = 0;
-    r->bell = atomic_load_explicit(word64(r->base + H_DOORBELL), memory_order_acquire);
+    uint64_t bell = atomic_load_explicit(word64(r->base + H_DOORBELL), memory_order_acquire);
+    uint64_t rung = bell - r->bell, found = 0;
+    r->bell = bell;
     int notified = (int)atomic_exchange_explicit(&r->notified, 0, memory_order_acquire);
-    for (uint32_t slot = 0; slot < r->slot_count; slot++) {
-        unsigned char *s = slot_base(r, slot);
-        uint32_t seq = load_acquire32(s + S_REQ_SEQ);
-        uint8_t watch = r->watch[slot];
-        if (seq != r->served[slot]) {
-            if (n == max_ready) {
-                r->rescan = 1; /* served stays behind: the next poll takes it */
-                continue;
-            }
-            uint64_t id = load_relaxed64(s + S_REQ_ID);
-            uint32_t len = load_relaxed32(s + S_REQ_LEN);
-            uint8_t type = load_relaxed8(s + S_REQ_TYPE);
-            uint32_t owner = load_relaxed32(s + S_OWNER);
-            r->served[slot] = seq;
-            if (r->echo_inline && !watch && type == MSG_ECHO && owner != 0 &&
-                len <= r->req_capacity && len <= r->resp_capacity) {
-                publish(r, slot, seq, id, MSG_ECHO, s + S_DATA, len, 1);
-                atomic_store_explicit(&r->inline_echoes,
-                                      atomic_load_explicit(&r->inline_echoes, memory_order_relaxed) + 1,
-                                      memory_order_relaxed);
-                continue;
-            }
-            r->ready[n++] = (Ready){slot, seq, len, owner, id, type};
-            continue; /* a new request supersedes its slot's old state: no events for it */
-        }
-        if (!watch) continue;
-        if (load_acquire32(s + S_CANCEL_SEQ) == seq) {
-            r->events[ne++] = (Event){slot, EVENT_CANCEL};
-        } else if ((watch & WATCH_ACK) &&
-                   load_acquire32(s + S_ACK_SEQ) == load_relaxed32(s + S_FRAME_SEQ)) {
-            r->events[ne++] = (Event){slot, EVENT_ACK};
+    uint32_t from = rung ? r->scan_from : 0;
+    for (uint32_t i = 0; i < r->slot_count && !(rung && found >= rung); i++) {
+        uint32_t slot = from + i < r->slot_count ? from + i : from + i - r->slot_count;
+        if (scan_slot(r, slot, max_ready, &n, &ne)) {
+            found++;
+            r->scan_from = slot;
         }
     }
     *n_ready = n;
@@ -587,6 +613,7 @@ static int Ring_init(RingObject *r, PyObject *args, PyObject *kwds) {
     for (uint32_t i = 0; i < count; i++) r->served[i] = load_acquire32(slot_base(r, i) + S_REQ_SEQ);
     r->bell = atomic_load_explicit(word64(r->base + H_DOORBELL), memory_order_acquire);
     r->echo_inline = 1;
+    r->scan_from = 0;
     r->rescan = 0;
     atomic_init(&r->notified, 0);
     atomic_init(&r->inline_echoes, 0);
