@@ -225,7 +225,7 @@ func (r *Ring) initSlots(cfg Config) {
 	r.serverState = atomicU32(r.mem, HeaderServerStateOffset)
 	r.doorbell = (*atomic.Uint64)(unsafe.Pointer(&r.mem[HeaderDoorbellOffset]))
 	r.slots = make([]slot, r.geo.SlotCount)
-	r.free = make(chan *slot, r.geo.SlotCount)
+	r.free = newFreeSlots(r.geo.SlotCount)
 	for i := range r.slots {
 		s := &r.slots[i]
 		s.index = i
@@ -238,7 +238,7 @@ func (r *Ring) initSlots(cfg Config) {
 		s.frameSeq = atomicU32(s.mem, SlotFrameSeqOffset)
 		s.sem = r.slotSems[i]
 		s.initFrameMoved()
-		r.free <- s
+		r.free.put(s)
 	}
 	r.claimPatience = cfg.ClaimPatience
 	r.waiter = NewWaiter(cfg.Spin, cfg.LivenessInterval)

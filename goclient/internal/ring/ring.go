@@ -29,10 +29,7 @@ type Ring struct {
 	lock        *os.File
 
 	slots []slot
-	// free holds the slots no goroutine of this process is using, so
-	// goroutines queue here instead of CAS-spinning against each other;
-	// the CAS on owner then only arbitrates between processes.
-	free chan *slot
+	free  *freeSlots
 
 	nextReqID     atomic.Uint64
 	claimPatience time.Duration
@@ -167,25 +164,25 @@ func (r *Ring) claim(ctx context.Context) (*slot, error) {
 	backoff := claimBackoffMin
 	var heldSince time.Time // the first time a slot was found held by another process
 	for failures := 1; ; failures++ {
-		var s *slot
 		// A free slot is the common case: a receive alone is far cheaper than
 		// the select, which locks all three channels (and makes ctx allocate
 		// its done channel).
 		select {
-		case s = <-r.free:
+		case <-r.free.tokens:
 		default:
 			select {
-			case s = <-r.free:
+			case <-r.free.tokens:
 			case <-ctx.Done():
 				return nil, r.claimFailed(heldSince, ctx.Err())
 			case <-r.dead:
 				return nil, *r.deadErr.Load()
 			}
 		}
+		s := r.free.take()
 		if s.owner.CompareAndSwap(0, r.pid) {
 			return s, nil
 		}
-		r.free <- s
+		r.free.putUnder(s)
 		if heldSince.IsZero() {
 			heldSince = time.Now()
 		} else if r.claimPatience > 0 && time.Since(heldSince) >= r.claimPatience {
@@ -301,7 +298,7 @@ func (r *Ring) ack(req request) {
 // for the goroutines of this process.
 func (r *Ring) release(s *slot) {
 	s.owner.Store(0)
-	r.free <- s
+	r.free.put(s)
 }
 
 // abandon drops a slot whose frames cannot be trusted. A misrouted frame
@@ -312,7 +309,7 @@ func (r *Ring) release(s *slot) {
 func (r *Ring) abandon(s *slot, err error) {
 	var invalid *ValidationError
 	if errors.As(err, &invalid) && invalid.Name == Misrouted {
-		r.free <- s
+		r.free.putUnder(s) // until a CAS says it is ours again
 	}
 }
 
