@@ -61,9 +61,8 @@ class Compiled:
 
     def run(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         rows = arrays[0].shape[0] if self.buckets else None
-        padded = rows is not None and self._bucket_of[rows] != rows
-        if padded:
-            bucket = self._bucket_of[rows]
+        bucket = self._bucket_of[rows] if rows is not None else None
+        if bucket != rows:
             copies = []
             for array in arrays:
                 pad = np.zeros((bucket, *array.shape[1:]), array.dtype)
@@ -82,7 +81,7 @@ class Compiled:
         if len(outputs) != len(specs):
             raise TypeError(f"the function returned {len(outputs)} output(s); the signature "
                             f"declares {len(specs)}")
-        if padded:
+        if bucket != rows:
             return [np.asarray(out)[:rows] for out in outputs]
         return [np.asarray(out) for out in outputs]
 
