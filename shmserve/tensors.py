@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import struct
 from collections.abc import Mapping, Sequence
 
@@ -261,9 +262,7 @@ def views(body, layout: Layout) -> list[tuple[str, np.ndarray]]:
     """Zero-copy numpy views of every tensor in ``body`` (checks BOOL bytes)."""
     out = []
     for name, dtype, dims, offset in layout.tensors:
-        count = 1
-        for d in dims:
-            count *= d
+        count = math.prod(dims)
         array = np.frombuffer(body, dtype.np, count, offset).reshape(dims)
         if dtype.code == 1 and count and array.view(np.uint8).max() > 1:
             raise _tensor_error(ErrorCode.BAD_TENSOR, f"tensor {name or len(out)!r}: a BOOL "
@@ -346,10 +345,7 @@ class Binding:
                 plan.append((spec.name, np.dtype((dtype.np, dims[1:])), dims[0], None, offset,
                              dtype.code == 1))
             else:  # a scalar, or a zero dim (a row of no bytes is no dtype): flat, reshaped
-                count = 1
-                for d in dims:
-                    count *= d
-                plan.append((spec.name, dtype.np, count, dims, offset, dtype.code == 1))
+                plan.append((spec.name, dtype.np, math.prod(dims), dims, offset, dtype.code == 1))
         self.plan = tuple(plan)
         self.header = header
         self.size = layout.size
