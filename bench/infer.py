@@ -10,8 +10,8 @@ whose order is shuffled, 1 in flight unless said:
 
 - INFER of one request row, against ECHO of 3072 bytes (the payload the transport goals are
   stated at), against ECHO of as many bytes as the INFER body, and against the model's own
-  ``infer`` called in this process on the same array (the model object built by the same
-  loader the server uses);
+  ``infer`` called in-process on the same array (in a child process of the bench, the model
+  built by the same loader with the server's options, ``--threads`` included);
 - INFER of a full batch with -c requests in flight, in rows/s, against the in-process
   ``infer`` on the same batch.
 
@@ -70,18 +70,23 @@ class Entry:
     batch: tuple[int, ...]  # the throughput request; dim 0 is its rows
     goals: tuple[str, ...]  # keys of GOALS
     cost: int = 1  # scales the request counts down for a model whose call takes milliseconds
+    threads: int | None = None  # `serve --threads`, and the same for the in-process model
 
     def array(self, shape: tuple[int, ...]) -> np.ndarray:
         return np.random.default_rng(0).standard_normal(shape).astype(self.dtype)
 
 
+KERAS_CIFAR = {"model_path": str(ROOT / "shmserve/assets/cifar10_cnn.keras")}
 ENTRIES = (
     Entry("identity", "examples/models/identity.py:identity (y = x)",
           str(ROOT / "examples/models/identity.py") + ":identity", {}, "x", "float32",
           (1, 3072), (64, 3072), ("vs_echo",)),
     Entry("keras-cifar", "Keras adapter, shipped CIFAR-10 .keras (JAX backend)", "keras",
-          {"model_path": str(ROOT / "shmserve/assets/cifar10_cnn.keras")}, "planar_rgb", "uint8",
-          (1, 3, 32, 32), (64, 3, 32, 32), ("vs_inprocess", "throughput"), cost=20),
+          KERAS_CIFAR, "planar_rgb", "uint8", (1, 3, 32, 32), (64, 3, 32, 32),
+          ("vs_inprocess", "throughput"), cost=20),
+    Entry("keras-cifar-1thread", "the same, `--threads 1`", "keras",
+          KERAS_CIFAR, "planar_rgb", "uint8", (1, 3, 32, 32), (64, 3, 32, 32),
+          ("vs_inprocess", "throughput"), cost=20, threads=1),
 )
 
 
@@ -120,6 +125,8 @@ def start_server(entry: Entry, name: str) -> ServerProcess:
             "--slot-request-bytes", str(slot), "--slot-reply-bytes", str(slot)]
     for key, value in entry.options.items():
         argv += ["--model-option", f"{key}={value}"]
+    if entry.threads is not None:
+        argv += ["--threads", str(entry.threads)]
     try:
         return ServerProcess(*argv, name=name, cwd=str(ROOT), ready_timeout=180)
     except (ServerExited, TimeoutError) as exc:
@@ -136,35 +143,68 @@ def go_bench(addr: str, n: int, warmup: int, concurrency: int, extra: list[str])
     return out["results"][0] | {"request_bytes": out["request_bytes"]}
 
 
-def inprocess(model, entry: Entry, array: np.ndarray, seconds: float) -> dict:
-    """Closed-loop calls of the model's own infer on ``array``, after a quarter as warm-up."""
-    inputs = {entry.input: array}
-    until = time.perf_counter() + seconds / 4
-    while time.perf_counter() < until:
-        model.infer(inputs)
-    took = []
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        began = time.perf_counter_ns()
-        model.infer(inputs)
-        took.append(time.perf_counter_ns() - began)
-    return {"calls": len(took), "calls_per_s": len(took) / (sum(took) / 1e9),
-            "p50_ns": statistics.median(took)}
+class InProcess:
+    """The entry's model called in a child process of its own (`--inprocess KEY`), built by the
+    loader the server uses with the server's options: a runtime's thread pools are sized once
+    per process, so entries that differ in threads cannot share this one."""
+
+    def __init__(self, entry: Entry):
+        self.child = subprocess.Popen([sys.executable, __file__, "--inprocess", entry.key],
+                                      cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      text=True)
+        if self.child.stdout.readline().strip() != "ready":
+            self.close()
+            raise BenchError(f"{entry.key}: the in-process model did not build")
+
+    def measure(self, array_file: Path, seconds: float) -> dict:
+        self.child.stdin.write(f"{seconds} {array_file}\n")
+        self.child.stdin.flush()
+        line = self.child.stdout.readline()
+        if not line:
+            raise BenchError("the in-process model exited")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.child.stdin.close()
+        self.child.wait(timeout=60)
+
+
+def serve_inprocess(key: str) -> int:
+    """The child of InProcess: for each stdin line "SECONDS FILE.npy", closed-loop calls of the
+    model's own infer on that array, after a quarter as warm-up; one JSON line each."""
+    from shmserve.models import build
+
+    entry = next(e for e in ENTRIES if e.key == key)
+    serve = {"threads": entry.threads} if entry.threads is not None else {}
+    model = build(entry.target, serve, dict(entry.options))
+    model.warmup()
+    print("ready", flush=True)
+    for line in sys.stdin:
+        seconds, path = line.split(maxsplit=1)
+        inputs = {entry.input: np.load(path.strip())}
+        until = time.perf_counter() + float(seconds) / 4
+        while time.perf_counter() < until:
+            model.infer(inputs)
+        took = []
+        start = time.perf_counter()
+        while time.perf_counter() - start < float(seconds):
+            began = time.perf_counter_ns()
+            model.infer(inputs)
+            took.append(time.perf_counter_ns() - began)
+        print(json.dumps({"calls": len(took), "calls_per_s": len(took) / (sum(took) / 1e9),
+                          "p50_ns": statistics.median(took)}), flush=True)
+    model.close()
+    return 0
 
 
 def measure(entry: Entry, config: Config, tmp: Path, rng: random.Random) -> dict:
-    from shmserve.models import build
-
     single, batch = tmp / f"{entry.key}-single.npy", tmp / f"{entry.key}-batch.npy"
-    single_array = entry.array(entry.single)
-    np.save(single, single_array)
-    batch_array = entry.array(entry.batch)
-    np.save(batch, batch_array)
+    np.save(single, entry.array(entry.single))
+    np.save(batch, entry.array(entry.batch))
     rows = entry.batch[0]
     server = start_server(entry, f"bench-infer-{os.getpid()}-{entry.key}")
     addr = server.ready.address("shm")
-    model = build(entry.target, {}, dict(entry.options))
-    model.warmup()
+    model = InProcess(entry)
     latency_n, throughput_n = config.latency_n // entry.cost, config.throughput_n // entry.cost
     warmup = max(config.warmup // entry.cost, 10)
     reps = []
@@ -177,8 +217,8 @@ def measure(entry: Entry, config: Config, tmp: Path, rng: random.Random) -> dict
                                                 ["-size", str(infer_bytes)]),
             "infer_batch": lambda: go_bench(addr, throughput_n, max(warmup // 10, 2),
                                             config.concurrency, ["-infer", str(batch)]),
-            "inprocess": lambda: inprocess(model, entry, single_array, config.inprocess_seconds),
-            "inprocess_batch": lambda: inprocess(model, entry, batch_array, config.inprocess_seconds),
+            "inprocess": lambda: model.measure(single, config.inprocess_seconds),
+            "inprocess_batch": lambda: model.measure(batch, config.inprocess_seconds),
         }
         for rep in range(config.reps):
             order = list(cells)
@@ -259,7 +299,10 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run; results under tmp/")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--only", action="append", help="entry keys to run (default: all)")
+    parser.add_argument("--inprocess", metavar="KEY", help=argparse.SUPPRESS)  # InProcess's child
     args = parser.parse_args()
+    if args.inprocess:
+        return serve_inprocess(args.inprocess)
     config = QUICK if args.quick else FULL
     started, load_start = dt.datetime.now(dt.timezone.utc), os.getloadavg()
     build_shmclient()

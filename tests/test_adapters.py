@@ -190,19 +190,54 @@ def test_the_keras_adapter_serves_a_two_input_model_on_tensorflow_too(tmp_path):
     ("keras", {"model_path": KERAS_CIFAR}),
     ("jax", {"function": "{jax_file}:score"}),
 ])
-def test_jax_backed_adapters_run_cpu_computations_on_the_calling_thread(target, options,
-                                                                        jax_file):
-    """Asynchronous CPU dispatch costs a served call two thread hand-offs; the adapters turn it
-    off before JAX makes its CPU client (in a child: the setting is the process's)."""
+def test_jax_backed_adapters_run_inline_on_as_many_xla_threads_as_asked(target, options,
+                                                                         jax_file):
+    """Asynchronous CPU dispatch costs a served call two thread hand-offs, and XLA's pool is
+    sized by ``threads``: the adapters set both before JAX makes its CPU client (in a child:
+    the settings are the process's). One more thread than CPUs, which XLA's default never
+    gives, shows the option took."""
     options = {k: v.format(jax_file=jax_file) for k, v in options.items()}
+    threads = os.cpu_count() + 1
     script = textwrap.dedent(f'''
+        import os
         from shmserve.models import build
-        model = build({target!r}, {{}}, {options!r})
+        model = build({target!r}, {{"threads": {threads}}}, {options!r})
         model.warmup()
         import jax
         print("async", jax.config.values["jax_cpu_enable_async_dispatch"])
+        names = [open(f"/proc/self/task/{{t}}/comm").read().strip()
+                 for t in os.listdir("/proc/self/task")]
+        print("xla pool", names.count("tf_XLAEigen"))
     ''')
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "async False" in done.stdout
+    assert f"xla pool {threads}" in done.stdout, done.stdout
+
+
+def test_a_serve_option_left_out_leaves_the_factory_default(start_server, tmp_path):
+    """`--threads` given reaches a factory that names it; left out, the factory's own default
+    applies (not None)."""
+    factory = tmp_path / "threaded.py"
+    factory.write_text(textwrap.dedent('''
+        import shmserve
+
+        class Threaded(shmserve.Model):
+            def __init__(self, threads):
+                self.threads = threads
+
+            def describe(self):
+                return {"model": "threaded", "threads": self.threads}
+
+        def build(threads=7):
+            return Threaded(threads)
+    '''))
+    target = f"{factory}:build"
+    assert start_server("--model", target).ready.model["threads"] == 7
+    assert start_server("--model", target, "--threads", "3").ready.model["threads"] == 3
+
+
+def test_threads_below_one_exits_2_naming_the_option():
+    line = serve_fails("--model", "keras", "--model-path", KERAS_CIFAR, "--threads", "0")
+    assert "threads must be at least 1, got 0" in line

@@ -10,7 +10,8 @@ TARGET is one of:
 
 ``attr`` is a ``shmserve.Model`` instance, a ``Model`` subclass or a factory function returning
 one. A class or factory is called with the keyword arguments it names, taken from the serve
-options (``model_path``, ``threads``, ...) and from ``--model-option KEY=VALUE`` (strings).
+options that were given (``model_path``, ``threads``, ...; one left out leaves the factory's
+default) and from ``--model-option KEY=VALUE`` (strings).
 Every failure is a ``ModelLoadError`` with one line saying which step failed.
 """
 from __future__ import annotations

@@ -9,9 +9,11 @@ is anything ``--model`` takes (``pkg.module`` or ``path/file.py``).
 signature is run on batches padded up to a power of two (1, 2, 4, ... ``max_batch_size``),
 so the server compiles log2(max_batch_size) + 1 programs at warm-up instead of one per batch
 size the first time each arrives, which would stall that request for the compile.
+``--threads N`` sizes XLA's CPU thread pool (see ``configure_cpu_client``).
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Sequence
 
 import numpy as np
@@ -19,15 +21,30 @@ import numpy as np
 from shmserve import Model, Signature
 
 
-def dispatch_inline() -> None:
-    """Run JAX's CPU computations on the calling thread. Asynchronous dispatch hands each call
-    to a worker thread and blocks the caller on the result, which a server needs at once: two
-    thread hand-offs per call for nothing (bench/README.md has the measurement). The setting is
-    the process's, like the model it serves, and JAX reads it when it creates its CPU client:
-    call this before anything makes an array."""
+def configure_cpu_client(threads: int | None = None) -> None:
+    """Set up JAX's CPU client for serving; JAX reads these settings when it creates the
+    client, so call this before anything makes an array. The settings are the process's, like
+    the model it serves.
+
+    Computations run on the calling thread: asynchronous dispatch hands every call to a worker
+    thread and blocks the caller on the result, which a server needs at once (two thread
+    hand-offs per call for nothing). ``threads`` sizes XLA's CPU thread pool (its default is
+    one thread per CPU): a small model's one-row call runs faster on one thread, and is not
+    slowed by a client spinning on the other CPU, while a large batch runs faster on all of
+    them (bench/README.md has both measurements)."""
     import jax
 
     jax.config.update("jax_cpu_enable_async_dispatch", False)
+    if threads is not None:
+        os.environ["PJRT_NPROC"] = str(thread_count(threads))  # what XLA sizes its pool by
+
+
+def thread_count(threads) -> int:
+    """``threads`` as given on the command line or to a factory, checked."""
+    count = int(threads)
+    if count < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    return count
 
 
 def _buckets(max_batch_size: int) -> list[int]:
@@ -103,12 +120,13 @@ class JaxModel(Model):
         return self.compiled.run([inputs[spec.name] for spec in self.signature.inputs])
 
 
-def build(function: str | None = None, signature: str | None = None) -> JaxModel:
+def build(function: str | None = None, signature: str | None = None,
+          threads: int | None = None) -> JaxModel:
     from shmserve.models import ModelLoadError, resolve
 
     if not function:
         raise ModelLoadError("--model jax needs --model-option function=MODULE:FN")
-    dispatch_inline()  # before FN's module, which may make arrays at import
+    configure_cpu_client(threads)  # before FN's module, which may make arrays at import
     module = function.rpartition(":")[0]
     fn = resolve(function)
     sig = resolve(signature or f"{module}:SIGNATURE")

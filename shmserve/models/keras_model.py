@@ -11,6 +11,9 @@ The backend is ``KERAS_BACKEND`` when set, JAX otherwise: on CPU it ran the ship
 fastest (bench/README.md). With JAX the model's forward pass is jitted over its weights and
 compiled at warm-up for every padded batch bucket (see ``jax_model``); with TensorFlow it is one
 ``tf.function`` traced once for any batch size; other backends call the model eagerly.
+``--threads N`` sizes the backend's CPU thread pool (XLA's under JAX, the intra-op pool under
+TensorFlow; default one thread per CPU): one thread ran the CIFAR CNN's one-image call faster
+on a 2-CPU machine, all of them its batches of 64 (bench/README.md).
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from os import PathLike
 from pathlib import Path
 
 from shmserve import Model, Signature, TensorSpec
-from shmserve.models.jax_model import Compiled, dispatch_inline
+from shmserve.models.jax_model import Compiled, configure_cpu_client, thread_count
 
 
 def _spec(name: str, tensor) -> TensorSpec:
@@ -38,12 +41,21 @@ class KerasModel(Model):
     """A .keras file served with the signature its inputs and outputs declare."""
 
     def __init__(self, path: str | PathLike[str], max_batch_size: int = 64,
-                 labels: str | None = None, name: str | None = None):
+                 labels: str | None = None, name: str | None = None,
+                 threads: int | None = None):
         os.environ.setdefault("KERAS_BACKEND", "jax")
         import keras
 
+        # Before loading, which starts the backend's runtime, whose thread pools these size.
         if keras.backend.backend() == "jax":
-            dispatch_inline()  # before loading creates JAX's CPU client, which reads it
+            configure_cpu_client(threads)
+        elif threads is not None and keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            tf.config.threading.set_intra_op_parallelism_threads(thread_count(threads))
+        elif threads is not None:
+            raise ValueError(f"threads: the {keras.backend.backend()} backend's threads are "
+                             f"not set by shmserve; leave --threads out")
         self.path = Path(path)
         self.keras = keras.saving.load_model(self.path, compile=False)
         self.backend = keras.backend.backend()
@@ -110,9 +122,9 @@ def _to_numpy(outputs):
 
 
 def build(model_path: str | None = None, max_batch_size: int = 64,
-          labels: str | None = None) -> KerasModel:
+          labels: str | None = None, threads: int | None = None) -> KerasModel:
     if not model_path:
         raise ValueError("--model keras needs --model-path FILE.keras")
     if not Path(model_path).is_file():  # before importing Keras, which takes seconds
         raise ValueError(f"{model_path}: no such file")
-    return KerasModel(model_path, max_batch_size=max_batch_size, labels=labels)
+    return KerasModel(model_path, max_batch_size=max_batch_size, labels=labels, threads=threads)
