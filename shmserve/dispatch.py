@@ -81,9 +81,11 @@ class Request(abc.ABC):
         if self.done:
             raise RuntimeError("reply after the final reply")
         self.done = final
-        self._send(msg_type, payload, final)
+        # Counted before the final frame goes out: a client that has its answer then finds it
+        # in the metrics it scrapes next.
         if final and self._recorder is not None:
             self.counted(payload[0] | payload[1] << 8 if msg_type == MsgType.ERROR else 0)
+        self._send(msg_type, payload, final)
 
     def counted(self, code: int) -> None:
         """Counts the request's outcome in the metrics, once: at its final reply, or where its

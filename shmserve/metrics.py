@@ -51,7 +51,7 @@ class _Histogram:
 
 class Recorder:
     """One transport's counts. ``begin`` when a request is read, ``end`` with its outcome
-    (0 for a reply, else the error code) when its final frame is sent."""
+    (0 for a reply, else the error code) just before its final frame is sent."""
 
     def __init__(self, metrics: "Metrics", transport: str):
         self.transport = transport

@@ -11,6 +11,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shmserve import tensors
 from shmserve.client import PacketClient, RingClient, ServerError
+from shmserve.dispatch import Request
+from shmserve.metrics import Metrics
 from shmserve.protocol import ErrorCode, MsgType
 
 MEASURED, WARMUP = 300, 20
@@ -85,6 +87,25 @@ def test_errors_are_counted_by_code_and_model_calls_by_batch(start_server):
                           outcome=ErrorCode.BAD_LENGTH.name) == 1
     assert samples["shmserve_model_call_duration_seconds_count", frozenset()] == 3
     assert samples["shmserve_batch_size_sum", frozenset()] == 3
+
+
+def test_a_request_is_counted_before_its_client_can_see_the_answer():
+    """A client that scrapes right after its answer finds it counted: the count is taken before
+    the final frame goes out, not after (where a scrape could win the race)."""
+    metrics = Metrics("m")
+    recorder = metrics.recorder("unix")
+    seen = []
+
+    class Watched(Request):
+        __slots__ = ()
+
+        def _send(self, msg_type, payload, final):
+            seen.append((dict(recorder.requests), recorder.in_flight))
+
+    Watched(MsgType.PROMPT, b"", recorder).fail(ErrorCode.BAD_LENGTH, "short")
+    Watched(MsgType.ECHO, b"x", recorder).reply(MsgType.ECHO, b"x")
+    assert seen == [({(MsgType.PROMPT, ErrorCode.BAD_LENGTH): 1}, 0),
+                    ({(MsgType.PROMPT, ErrorCode.BAD_LENGTH): 1, (MsgType.ECHO, 0): 1}, 0)]
 
 
 def test_no_metrics_without_http_or_a_metrics_port(start_server):
