@@ -6,7 +6,8 @@ against calling the same model in-process.
 
 For each model entry (ENTRIES below) one server serves it over shm, and the Go load loop of
 `shmclient bench` (the same loop for ECHO and INFER, -json output) measures, in repetitions
-whose order is shuffled, 1 in flight unless said:
+whose order is shuffled (the cells one ratio divides run next to each other), 1 in flight unless
+said:
 
 - INFER of one request row, against ECHO of 3072 bytes (the payload the transport goals are
   stated at), against ECHO of as many bytes as the INFER body, and against the model's own
@@ -90,6 +91,11 @@ ENTRIES = (
 )
 
 
+# Cells each ratio divides, run together in every repetition (in a shuffled order).
+RATIO_GROUPS = (("infer", "echo", "inprocess"), ("infer_batch", "inprocess_batch"),
+                ("echo_same_bytes",))
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     reps: int
@@ -100,8 +106,8 @@ class Config:
     inprocess_seconds: float
 
 
-FULL = Config(reps=5, latency_n=20000, throughput_n=4000, warmup=1000, concurrency=4,
-              inprocess_seconds=1.0)
+FULL = Config(reps=9, latency_n=20000, throughput_n=4000, warmup=1000, concurrency=4,
+              inprocess_seconds=0.5)
 QUICK = Config(reps=3, latency_n=3000, throughput_n=600, warmup=200, concurrency=4,
                inprocess_seconds=0.2)
 
@@ -221,8 +227,15 @@ def measure(entry: Entry, config: Config, tmp: Path, rng: random.Random) -> dict
             "inprocess_batch": lambda: model.measure(batch, config.inprocess_seconds),
         }
         for rep in range(config.reps):
-            order = list(cells)
-            rng.shuffle(order)
+            # Each ratio divides cells run back to back: this VM has phases in which every call
+            # is ~1.4x slower for seconds at a time, and a ratio of cells far apart in the
+            # repetition measures the phase change.
+            groups = [[key for key in group if key in cells] for group in RATIO_GROUPS]
+            rng.shuffle(groups)
+            order = []
+            for group in groups:
+                rng.shuffle(group)
+                order += group
             print(f"{entry.key}: rep {rep + 1}/{config.reps}: {', '.join(order)}", file=sys.stderr,
                   flush=True)
             got = {key: cells[key]() for key in order}
