@@ -426,7 +426,10 @@ def _write(plan: _Plan, arrays: Sequence[np.ndarray]) -> bytearray:
     header, pads = plan
     out = bytearray(header)
     for array, pad in zip(arrays, pads):
-        out.extend(array.reshape(-1).view(np.uint8))  # reshape copies only a non-contiguous array
+        try:
+            out.extend(array)  # its buffer, with no array made for it: C-contiguous ones only
+        except TypeError:
+            out.extend(np.ascontiguousarray(array))
         out += pad
     return out
 
