@@ -4,7 +4,8 @@ against calling the same model in-process.
     .venv/bin/python bench/infer.py            # results under bench/results/
     .venv/bin/python bench/infer.py --quick    # smoke run (~30 s), results under bench/results/tmp/
 
-For each model entry (ENTRIES below) one server serves it over shm, and the Go load loop of
+For each model entry (ENTRIES below) servers serve it over shm (three processes, which the
+repetitions take turns on, each with its own in-process child), and the Go load loop of
 `shmclient bench` (the same loop for ECHO and INFER, -json output) measures, in repetitions
 whose order is shuffled (the cells one ratio divides run next to each other), 1 in flight unless
 said:
@@ -104,12 +105,13 @@ class Config:
     warmup: int
     concurrency: int
     inprocess_seconds: float
+    processes: int  # server processes, and in-process children, per entry
 
 
 FULL = Config(reps=9, latency_n=20000, throughput_n=4000, warmup=1000, concurrency=4,
-              inprocess_seconds=0.5)
+              inprocess_seconds=0.5, processes=3)
 QUICK = Config(reps=3, latency_n=3000, throughput_n=600, warmup=200, concurrency=4,
-               inprocess_seconds=0.2)
+               inprocess_seconds=0.2, processes=1)
 
 
 class BenchError(RuntimeError):
@@ -208,37 +210,49 @@ def measure(entry: Entry, config: Config, tmp: Path, rng: random.Random) -> dict
     np.save(single, entry.array(entry.single))
     np.save(batch, entry.array(entry.batch))
     rows = entry.batch[0]
-    server = start_server(entry, f"bench-infer-{os.getpid()}-{entry.key}")
-    addr = server.ready.address("shm")
-    model = InProcess(entry)
     latency_n, throughput_n = config.latency_n // entry.cost, config.throughput_n // entry.cost
     warmup = max(config.warmup // entry.cost, 10)
     reps = []
+    # Several server processes and as many in-process children, repetitions taking turns: a
+    # process keeps a speed of its own (one-thread Keras batches ran 9.1-9.5k rows/s served
+    # and 7.7-9.9k in-process across four fresh processes each), which one pair per run would
+    # make the run's ratio.
+    servers, models = [], []
     try:
-        infer_bytes = go_bench(addr, 1, 0, 1, ["-infer", str(single)])["request_bytes"]
-        cells = {
-            "infer": lambda: go_bench(addr, latency_n, warmup, 1, ["-infer", str(single)]),
-            "echo": lambda: go_bench(addr, config.latency_n, config.warmup, 1, ["-size", str(ECHO_BYTES)]),
-            "echo_same_bytes": lambda: go_bench(addr, config.latency_n, config.warmup, 1,
-                                                ["-size", str(infer_bytes)]),
-            "infer_batch": lambda: go_bench(addr, throughput_n, max(warmup // 10, 2),
-                                            config.concurrency, ["-infer", str(batch)]),
-            "inprocess": lambda: model.measure(single, config.inprocess_seconds),
-            "inprocess_batch": lambda: model.measure(batch, config.inprocess_seconds),
-        }
+        for k in range(config.processes):
+            servers.append(start_server(entry, f"bench-infer-{os.getpid()}-{entry.key}-{k}"))
+            models.append(InProcess(entry))
+        infer_bytes = go_bench(servers[0].ready.address("shm"), 1, 0, 1,
+                               ["-infer", str(single)])["request_bytes"]
+
+        def cells(addr: str, model: InProcess) -> dict:
+            return {
+                "infer": lambda: go_bench(addr, latency_n, warmup, 1, ["-infer", str(single)]),
+                "echo": lambda: go_bench(addr, config.latency_n, config.warmup, 1,
+                                         ["-size", str(ECHO_BYTES)]),
+                "echo_same_bytes": lambda: go_bench(addr, config.latency_n, config.warmup, 1,
+                                                    ["-size", str(infer_bytes)]),
+                "infer_batch": lambda: go_bench(addr, throughput_n, max(warmup // 10, 2),
+                                                config.concurrency, ["-infer", str(batch)]),
+                "inprocess": lambda: model.measure(single, config.inprocess_seconds),
+                "inprocess_batch": lambda: model.measure(batch, config.inprocess_seconds),
+            }
+
         for rep in range(config.reps):
             # Each ratio divides cells run back to back: this VM has phases in which every call
             # is ~1.4x slower for seconds at a time, and a ratio of cells far apart in the
             # repetition measures the phase change.
-            groups = [[key for key in group if key in cells] for group in RATIO_GROUPS]
+            turn = cells(servers[rep % len(servers)].ready.address("shm"),
+                         models[rep % len(models)])
+            groups = [list(group) for group in RATIO_GROUPS]
             rng.shuffle(groups)
             order = []
             for group in groups:
                 rng.shuffle(group)
                 order += group
-            print(f"{entry.key}: rep {rep + 1}/{config.reps}: {', '.join(order)}", file=sys.stderr,
-                  flush=True)
-            got = {key: cells[key]() for key in order}
+            print(f"{entry.key}: rep {rep + 1}/{config.reps} (pair {rep % len(servers)}): "
+                  f"{', '.join(order)}", file=sys.stderr, flush=True)
+            got = {key: turn[key]() for key in order}
             got["latency_ratio"] = got["infer"]["p50_ns"] / got["echo"]["p50_ns"]
             got["inprocess_latency_ratio"] = got["infer"]["p50_ns"] / got["inprocess"]["p50_ns"]
             got["served_rows_per_s"] = got["infer_batch"]["msgs_per_s"] * rows
@@ -246,8 +260,10 @@ def measure(entry: Entry, config: Config, tmp: Path, rng: random.Random) -> dict
             got["throughput_ratio"] = got["served_rows_per_s"] / got["inprocess_rows_per_s"]
             reps.append(got)
     finally:
-        model.close()
-        server.cleanup()
+        for model in models:
+            model.close()
+        for server in servers:
+            server.cleanup()
 
     def median(*path):
         return statistics.median(functools.reduce(lambda v, key: v[key], path, r) for r in reps)
@@ -280,7 +296,9 @@ def markdown(report: dict) -> str:
         "",
         f"- Machine: {m['cpu']}, {m['usable_cpus']} usable CPUs, Linux {m['kernel']}; {m['go']}",
         f"- Load average at start {load['start'][0]:.2f}, at end {load['end'][0]:.2f}",
-        f"- {report['config']['reps']} shuffled repetitions; every figure is the median over them",
+        f"- {report['config']['reps']} shuffled repetitions, taking turns over "
+        f"{report['config']['processes']} server processes and as many in-process ones; every "
+        f"figure is the median over them",
         "",
         "| model | INFER request | INFER p50 µs | INFER p99 µs | in-process p50 µs "
         "| ECHO 3072 B p50 µs | ECHO same bytes p50 µs | batch | served rows/s | in-process rows/s |",
