@@ -248,6 +248,10 @@ def test_a_serve_option_left_out_leaves_the_factory_default(start_server, tmp_pa
     assert start_server("--model", target, "--threads", "3").ready.model["threads"] == 3
 
 
-def test_threads_below_one_exits_2_naming_the_option():
-    line = serve_fails("--model", "keras", "--model-path", KERAS_CIFAR, "--threads", "0")
-    assert "threads must be at least 1, got 0" in line
+@pytest.mark.parametrize("args", [
+    ("--model", "keras", "--model-path", KERAS_CIFAR),
+    ("--model", "litert", "--model-path", DEFAULT_MODEL_PATH),
+    ("--model", "cifar"),
+])
+def test_threads_below_one_exits_2_naming_the_option(args):
+    assert "threads must be at least 1, got 0" in serve_fails(*args, "--threads", "0")

@@ -43,6 +43,14 @@ class ModelLoadError(Exception):
     """``--model`` names nothing servable; the message says which step failed."""
 
 
+def thread_count(threads) -> int:
+    """``--threads`` (or a factory's ``threads``) as the adapters take it, checked."""
+    count = int(threads)
+    if count < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    return count
+
+
 def available() -> dict[str, str]:
     """Every servable name and what it points at, without importing any of them."""
     found = dict(BUILTIN)

@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from shmserve import Model, Signature
+from shmserve.models import thread_count
 
 
 def configure_cpu_client(threads: int | None = None) -> None:
@@ -37,14 +38,6 @@ def configure_cpu_client(threads: int | None = None) -> None:
     jax.config.update("jax_cpu_enable_async_dispatch", False)
     if threads is not None:
         os.environ["PJRT_NPROC"] = str(thread_count(threads))  # what XLA sizes its pool by
-
-
-def thread_count(threads) -> int:
-    """``threads`` as given on the command line or to a factory, checked."""
-    count = int(threads)
-    if count < 1:
-        raise ValueError(f"threads must be at least 1, got {threads}")
-    return count
 
 
 def _buckets(max_batch_size: int) -> list[int]:

@@ -23,7 +23,8 @@ from os import PathLike
 from pathlib import Path
 
 from shmserve import Model, Signature, TensorSpec
-from shmserve.models.jax_model import Compiled, configure_cpu_client, thread_count
+from shmserve.models import thread_count
+from shmserve.models.jax_model import Compiled, configure_cpu_client
 
 
 def _spec(name: str, tensor) -> TensorSpec:

@@ -22,6 +22,7 @@ import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
 from shmserve import Model, Signature, TensorSpec
+from shmserve.models import thread_count
 
 # Interpreters kept for other input shapes (batch sizes) besides the pinned first one.
 # Resizing an interpreter costs a re-plan on the next invoke (tens to hundreds of µs, growing
@@ -35,7 +36,7 @@ class Interpreters:
 
     def __init__(self, model: bytes, num_threads: int):
         self.model = model
-        self.num_threads = num_threads
+        self.num_threads = num_threads = thread_count(num_threads)
         first = Interpreter(model_content=model, num_threads=num_threads)
         signatures = first.get_signature_list()
         if signatures:
@@ -105,7 +106,7 @@ class LiteRTModel(Model):
     def __init__(self, path: str | PathLike[str], threads: int = 2, max_batch_size: int = 64,
                  name: str | None = None):
         self.path = Path(path)
-        self.interpreters = Interpreters(self.path.read_bytes(), int(threads))
+        self.interpreters = Interpreters(self.path.read_bytes(), threads)
         self.name = name or self.path.stem
         self.signature = self.interpreters.signature(int(max_batch_size))
 
