@@ -47,19 +47,19 @@ class KerasModel(Model):
         os.environ.setdefault("KERAS_BACKEND", "jax")
         import keras
 
+        self.backend = keras.backend.backend()
         # Before loading, which starts the backend's runtime, whose thread pools these size.
-        if keras.backend.backend() == "jax":
+        if self.backend == "jax":
             configure_cpu_client(threads)
-        elif threads is not None and keras.backend.backend() == "tensorflow":
+        elif threads is not None and self.backend == "tensorflow":
             import tensorflow as tf
 
             tf.config.threading.set_intra_op_parallelism_threads(thread_count(threads))
         elif threads is not None:
-            raise ValueError(f"threads: the {keras.backend.backend()} backend's threads are "
-                             f"not set by shmserve; leave --threads out")
+            raise ValueError(f"threads: the {self.backend} backend's threads are not set by "
+                             f"shmserve; leave --threads out")
         self.path = Path(path)
         self.keras = keras.saving.load_model(self.path, compile=False)
-        self.backend = keras.backend.backend()
         self.name = name or self.path.stem
         inputs = [_spec(t.name, t) for t in self.keras.inputs]
         outputs = [_spec(n, t) for n, t in zip(self.keras.output_names, self.keras.outputs)]
